@@ -1,0 +1,49 @@
+#pragma once
+// model module: frozen base weights of a decoder, as one flat fp32 buffer with
+// named views (llm.c style). Loaded by io/hf_model.hpp, read by the backends.
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ftune/model/model_config.hpp"
+
+namespace ftune {
+
+// The seven linear projections of a layer, in PEFT's "all-linear" order.
+enum class Proj : int { q = 0, k, v, o, gate, up, down };
+inline constexpr int kNumProj = 7;
+inline constexpr std::array<Proj, kNumProj> kAllProj = {Proj::q, Proj::k, Proj::v, Proj::o,
+                                                       Proj::gate, Proj::up, Proj::down};
+
+const char* proj_name(Proj p);    // "q_proj", ...
+const char* proj_parent(Proj p);  // "self_attn" or "mlp"
+int64_t proj_in_features(const ModelConfig& c, Proj p);
+int64_t proj_out_features(const ModelConfig& c, Proj p);
+// "q_proj" -> Proj::q; false when the name is not one of the seven.
+bool proj_from_name(const std::string& name, Proj* out);
+
+struct LayerWeights {
+  const float* input_norm = nullptr;          // [H]
+  std::array<const float*, kNumProj> w{};     // [out, in] row-major, HF layout
+  std::array<const float*, kNumProj> b{};     // bias [out] or nullptr (q/k/v only)
+  const float* q_norm = nullptr;              // [head_dim] (qwen3) or nullptr
+  const float* k_norm = nullptr;
+  const float* post_norm = nullptr;           // [H]
+};
+
+struct BaseWeights {
+  ModelConfig cfg;
+  std::vector<float> storage;                 // owns every tensor below
+  const float* embed = nullptr;               // [V, H]
+  const float* final_norm = nullptr;          // [H]
+  const float* lm_head = nullptr;             // [V, H]; == embed when tied
+  std::vector<LayerWeights> layers;
+
+  // Lays out `storage` for cfg and points every view into it (values zeroed).
+  // Returns the HF tensor names with their offsets/sizes, for loaders and writers.
+  struct Entry { std::string name; size_t offset; std::vector<int64_t> shape; };
+  std::vector<Entry> allocate(const ModelConfig& c);
+};
+
+}  // namespace ftune
