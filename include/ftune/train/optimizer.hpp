@@ -1,0 +1,32 @@
+#pragma once
+// train module: AdamW with decoupled weight decay (torch.optim.AdamW semantics) and
+// global gradient-norm clipping (torch.nn.utils.clip_grad_norm_), over flat fp32 spans.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace ftune {
+
+struct AdamWHyper {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+};
+
+struct AdamWState {
+  int64_t step = 0;        // optimizer steps taken
+  std::vector<float> m;    // first moment
+  std::vector<float> v;    // second moment
+  void resize(size_t n) { m.assign(n, 0.0f); v.assign(n, 0.0f); }
+};
+
+// One AdamW update of params given grads at learning rate lr (state.step is advanced).
+void adamw_step(std::span<float> params, std::span<const float> grads, AdamWState& state,
+                double lr, const AdamWHyper& h);
+
+// L2 norm of all gradients (computed in double).
+double global_grad_norm(std::span<const float> grads);
+
+// Scales grads so their norm is at most max_norm, as clip_grad_norm_ does
+// (coef = max_norm / (norm + 1e-6), applied when < 1). Returns the pre-clip norm.
+double clip_grad_norm(std::span<float> grads, double max_norm);
+
+}  // namespace ftune
