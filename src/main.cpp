@@ -1,1 +1,110 @@
-int main() { return 0; }
+// ftune: LoRA fine-tuning of Llama/Qwen models. Subcommands:
+//   train       train a LoRA adapter (config file + flags)
+//   init-model  write a randomly initialised HF model directory (tests, demos)
+//   tokenize    encode JSONL texts with an HF tokenizer.json
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "ftune/config/parse.hpp"
+#include "ftune/data/tokenizer.hpp"
+#include "ftune/io/hf_model.hpp"
+#include "ftune/model/weights.hpp"
+#include "ftune/train/trainer.hpp"
+
+namespace {
+
+constexpr const char* kUsage = R"(ftune )" FTUNE_VERSION R"( - LoRA fine-tuning of Llama/Qwen-family models
+
+usage: ftune <command> [options]
+
+commands:
+  train       train a LoRA adapter: ftune train --config FILE.toml [--NAME VALUE ...]
+  init-model  write a randomly initialised HF model directory
+  tokenize    encode {"text": ...} JSONL lines into {"ids": [...]} with an HF tokenizer
+
+`ftune <command> --help` lists a command's options.
+)";
+
+int cmd_train(const std::vector<std::string>& args) {
+  std::optional<ftune::TrainConfig> cfg = ftune::parse_train_command(args);
+  if (!cfg) return 0;  // --help
+  ftune::run_training(*cfg);
+  return 0;
+}
+
+int cmd_init_model(const std::vector<std::string>& args) {
+  CLI::App app{"Write a randomly initialised HF model directory (config.json + model.safetensors)",
+               "ftune init-model"};
+  ftune::ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 512; c.hidden_size = 128; c.intermediate_size = 344;
+  c.num_hidden_layers = 4; c.num_attention_heads = 4; c.num_key_value_heads = 2;
+  c.head_dim = 0; c.max_position_embeddings = 2048; c.rms_norm_eps = 1e-5;
+  c.bos_token_id = 1; c.eos_token_id = 2;
+  std::string out, rope_type = "default";
+  uint64_t seed = 0;
+  double std_dev = 0.02;
+  app.add_option("--output", out, "directory to write")->required();
+  app.add_option("--model_type", c.model_type, "llama | mistral | qwen2 | qwen3")
+      ->check(CLI::IsMember({"llama", "mistral", "qwen2", "qwen3"}))->capture_default_str();
+  app.add_option("--vocab_size", c.vocab_size)->capture_default_str();
+  app.add_option("--hidden_size", c.hidden_size)->capture_default_str();
+  app.add_option("--intermediate_size", c.intermediate_size)->capture_default_str();
+  app.add_option("--num_hidden_layers", c.num_hidden_layers)->capture_default_str();
+  app.add_option("--num_attention_heads", c.num_attention_heads)->capture_default_str();
+  app.add_option("--num_key_value_heads", c.num_key_value_heads)->capture_default_str();
+  app.add_option("--head_dim", c.head_dim, "0 = hidden_size / num_attention_heads");
+  app.add_option("--max_position_embeddings", c.max_position_embeddings)->capture_default_str();
+  app.add_option("--rope_theta", c.rope.theta)->capture_default_str();
+  app.add_option("--tie_word_embeddings", c.tie_word_embeddings)->capture_default_str();
+  app.add_option("--seed", seed)->capture_default_str();
+  app.add_option("--initializer_range", std_dev)->capture_default_str();
+  std::vector<std::string> argv_rev(args.rbegin(), args.rend());
+  try {
+    app.parse(argv_rev);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (c.head_dim == 0) c.head_dim = c.hidden_size / c.num_attention_heads;
+  c.attention_bias = c.model_type == "qwen2";
+  c.qk_norm = c.model_type == "qwen3";
+  c.rope.type = rope_type;
+  ftune::BaseWeights w;
+  w.allocate(c);
+  ftune::init_random_weights(w, seed, std_dev);
+  ftune::save_hf_model(out, w);
+  std::cout << "wrote " << out << " (" << w.storage.size() << " parameters)\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::cout << kUsage;
+    return args.empty() ? 2 : 0;
+  }
+  if (args[0] == "--version") {
+    std::cout << "ftune " << FTUNE_VERSION << "\n";
+    return 0;
+  }
+  const std::string cmd = args[0];
+  args.erase(args.begin());
+  try {
+    if (cmd == "train") return cmd_train(args);
+    if (cmd == "init-model") return cmd_init_model(args);
+    // TOKENIZE_PENDING if (cmd == "tokenize") return ftune::run_tokenize_command(args);
+  } catch (const ftune::ConfigError& e) {
+    std::cerr << "ftune: configuration error:\n" << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "\nftune: error: " << e.what() << "\n";
+    return 1;
+  }
+  std::cerr << "ftune: unknown command '" << cmd << "'\n\n" << kUsage;
+  return 2;
+}

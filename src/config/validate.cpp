@@ -41,6 +41,8 @@ const NotYet kNotYetSupported[] = {
     {"resume_from_checkpoint",
      [](const TrainConfig& c) { return !c.resume_from_checkpoint.empty(); },
      "resuming from a checkpoint is planned; leave resume_from_checkpoint empty"},
+    {"report_to", [](const TrainConfig& c) { return c.report_to != "none"; },
+     "only metrics.jsonl (plot it with tools/plot_metrics.py) is written; use report_to = \"none\""},
     {"device", [](const TrainConfig& c) { return c.device == "cuda"; },
      "the CUDA backend is planned; use device = \"cpu\" or \"auto\""},
 };

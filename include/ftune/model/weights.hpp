@@ -47,3 +47,9 @@ struct BaseWeights {
 };
 
 }  // namespace ftune
+
+namespace ftune {
+// Random initialisation as transformers does for a fresh model: linear and embedding
+// weights ~ N(0, std), norms = 1, biases = 0. Used by `ftune init-model` and tests.
+void init_random_weights(BaseWeights& w, uint64_t seed, double std);
+}  // namespace ftune

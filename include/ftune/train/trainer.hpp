@@ -1,0 +1,28 @@
+#pragma once
+// train module: the training loop. main() -> run_training() -> Trainer::step() ->
+// CpuTransformer::forward_backward() -> kernels. Owns data order, gradient accumulation,
+// clipping, the optimizer, logging, evaluation and saving.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ftune/config/train_config.hpp"
+#include "ftune/model/lora.hpp"
+
+namespace ftune {
+
+struct TrainResult {
+  std::vector<double> losses;      // per optimizer step (before its update)
+  std::vector<double> grad_norms;  // pre-clip global norm per step
+  std::vector<double> lrs;         // learning rate used per step
+  std::vector<double> eval_losses; // final evaluation per validation dir (if any)
+  LoraAdapter adapter;             // final adapter
+  int64_t tokens = 0;              // input tokens processed
+  double seconds = 0;
+};
+
+// Runs a whole training job as configured (validated first) and writes output_dir.
+// Throws std::runtime_error / ConfigError with a message for the user on bad input.
+TrainResult run_training(const TrainConfig& cfg);
+
+}  // namespace ftune
