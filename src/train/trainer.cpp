@@ -121,15 +121,11 @@ TrainResult run_training(const TrainConfig& cfg) {
   ProgressLine progress;
 
   // ---- output directory: refuse to overwrite a finished run unless asked.
-  fs::create_directories(cfg.output_dir);
+  // Nothing is written there until the model and data have loaded without error.
   if (fs::exists(fs::path(cfg.output_dir) / "adapter") && !cfg.overwrite_output_dir)
     throw std::runtime_error("output_dir '" + cfg.output_dir +
                              "' already holds an adapter; set overwrite_output_dir = true or "
                              "choose another output_dir");
-  {
-    std::ofstream f(fs::path(cfg.output_dir) / "ftune_config.toml");
-    f << train_config_to_toml(cfg);
-  }
 
   // ---- model and adapter
   const ModelConfig mc = load_model_config(cfg.model_name_or_path);
@@ -159,6 +155,13 @@ TrainResult run_training(const TrainConfig& cfg) {
     PretokenizedOptions eopt = popt;
     eopt.max_samples = cfg.max_eval_samples;
     evals.push_back({fs::path(d).filename().string(), read_pretokenized({d}, eopt)});
+  }
+
+  fs::create_directories(cfg.output_dir);
+  {
+    std::ofstream f(fs::path(cfg.output_dir) / "ftune_config.toml");
+    f << train_config_to_toml(cfg);
+    if (!f) throw std::runtime_error("cannot write to output_dir '" + cfg.output_dir + "'");
   }
 
   MicroBatchStream stream(train, cfg.per_device_train_batch_size, cfg.shuffle, cfg.seed);
