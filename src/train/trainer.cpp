@@ -269,7 +269,10 @@ TrainResult run_training(const TrainConfig& cfg) {
       window_steps = window_tokens = 0;
       window_start = Clock::now();
     }
-    if (cfg.eval_steps > 0 && done % cfg.eval_steps == 0 && done != total_steps) run_eval(done);
+    if (cfg.eval_steps > 0 && done % cfg.eval_steps == 0 && done != total_steps) {
+      run_eval(done);
+      window_start = Clock::now();  // evaluation time is not training throughput
+    }
     if (cfg.save_steps > 0 && done % cfg.save_steps == 0 && done != total_steps) {
       save_peft_adapter((fs::path(cfg.output_dir) / ("checkpoint-" + std::to_string(done))).string(),
                         adapter, cfg.model_name_or_path);
