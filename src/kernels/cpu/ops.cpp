@@ -45,7 +45,6 @@ void matmul_nn(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T 
       std::fill(row.begin(), row.end(), T(0));
       for (int64_t k = 0; k < K; ++k) {
         const T a = A[m * K + k];
-        if (a == T(0)) continue;
         const T* b = B + k * N;
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) row[n] += a * b[n];
@@ -67,7 +66,6 @@ void matmul_tn(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T 
       std::fill(row.begin(), row.end(), T(0));
       for (int64_t k = 0; k < K; ++k) {
         const T a = A[k * M + m];
-        if (a == T(0)) continue;
         const T* b = B + k * N;
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) row[n] += a * b[n];
