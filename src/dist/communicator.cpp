@@ -1,0 +1,1 @@
+// placeholder: the dist module is being written
