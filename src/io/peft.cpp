@@ -86,6 +86,10 @@ std::string make_temp_dir(const fs::path& base, const char* tag) {
   if (!::mkdtemp(tmpl.data()))
     throw std::runtime_error("cannot create a directory next to " + base.string() + ": " +
                              std::strerror(errno));
+  // mkdtemp makes it 0700; the adapter directory it becomes should be readable like any other.
+  using fs::perms;
+  fs::permissions(tmpl, perms::owner_all | perms::group_read | perms::group_exec |
+                            perms::others_read | perms::others_exec);
   return tmpl;
 }
 
