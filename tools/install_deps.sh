@@ -11,6 +11,7 @@ PKGS=(
   libtomlplusplus-dev libcli11-dev doctest-dev nlohmann-json3-dev
   libpcre2-dev libutf8proc-dev
   python3 python3-numpy python3-matplotlib
+  slurmctld slurmd slurm-client munge
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,4 +1,7 @@
-// The training loop on the CPU reference backend.
+// The training loop: data-parallel over the ranks of `comm`, on the CPU reference backend.
+// One optimizer step = gradient_accumulation_steps x world_size micro-batches of the global
+// stream; rank r runs micro-batches r, r + N, ... of it, so N ranks compute the same step as
+// one rank with N times the accumulation.
 #include "ftune/train/trainer.hpp"
 
 #include <omp.h>
@@ -8,8 +11,6 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <iostream>
-#include <random>
 #include <sstream>
 
 #include "ftune/config/parse.hpp"
@@ -17,9 +18,11 @@
 #include "ftune/io/hf_model.hpp"
 #include "ftune/io/peft.hpp"
 #include "ftune/model/transformer_cpu.hpp"
+#include "ftune/train/checkpoint.hpp"
+#include "ftune/train/data_stream.hpp"
 #include "ftune/train/metrics.hpp"
-#include "ftune/train/optimizer.hpp"
 #include "ftune/train/schedule.hpp"
+#include "ftune/train/zero_optimizer.hpp"
 
 namespace fs = std::filesystem;
 
@@ -29,50 +32,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Example order of an epoch: file order, or a Fisher-Yates shuffle seeded by (seed, epoch),
-// written out here so the order is the same with every standard library.
-std::vector<int64_t> epoch_order(int64_t n, bool shuffle, int64_t seed, int64_t epoch) {
-  std::vector<int64_t> order(n);
-  for (int64_t i = 0; i < n; ++i) order[i] = i;
-  if (!shuffle) return order;
-  std::mt19937_64 rng(static_cast<uint64_t>(seed) * 1000003ull + static_cast<uint64_t>(epoch));
-  for (int64_t i = n - 1; i > 0; --i) {
-    const int64_t j = static_cast<int64_t>(rng() % static_cast<uint64_t>(i + 1));
-    std::swap(order[i], order[j]);
-  }
-  return order;
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
 }
-
-// An endless stream of micro-batches over the epochs; a micro-batch never spans two epochs.
-class MicroBatchStream {
- public:
-  MicroBatchStream(const std::vector<Example>& data, int mbs, bool shuffle, int64_t seed)
-      : data_(data), mbs_(mbs), shuffle_(shuffle), seed_(seed) {
-    order_ = epoch_order(n(), shuffle_, seed_, 0);
-  }
-  int64_t micro_per_epoch() const { return (n() + mbs_ - 1) / mbs_; }
-  double epoch() const { return static_cast<double>(consumed_) / micro_per_epoch(); }
-  int64_t consumed() const { return consumed_; }
-  MicroBatch next() {
-    if (pos_ >= n()) {
-      ++epoch_;
-      pos_ = 0;
-      order_ = epoch_order(n(), shuffle_, seed_, epoch_);
-    }
-    std::vector<const Example*> ex;
-    for (int i = 0; i < mbs_ && pos_ < n(); ++i) ex.push_back(&data_[order_[pos_++]]);
-    ++consumed_;
-    return make_micro_batch(ex);
-  }
-
- private:
-  int64_t n() const { return static_cast<int64_t>(data_.size()); }
-  const std::vector<Example>& data_;
-  int mbs_;
-  bool shuffle_;
-  int64_t seed_, epoch_ = 0, pos_ = 0, consumed_ = 0;
-  std::vector<int64_t> order_;
-};
 
 uint64_t micro_seed(int64_t seed, int64_t micro_index) {
   uint64_t z = static_cast<uint64_t>(seed) * 0xD1B54A32D192ED03ull + static_cast<uint64_t>(micro_index);
@@ -80,171 +42,337 @@ uint64_t micro_seed(int64_t seed, int64_t micro_index) {
   return z ^ (z >> 32);
 }
 
+// FNV-1a over bytes: identities for fingerprints and checkpoints (not security).
+struct Fnv {
+  uint64_t h = 1469598103934665603ull;
+  void add(const void* p, size_t n) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  }
+  void add(const std::string& s) { add(s.data(), s.size()); }
+  std::string hex() const {
+    char buf[17];
+    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+    return buf;
+  }
+};
+
+std::string model_fingerprint(const ModelConfig& mc, const BaseWeights& w) {
+  Fnv f;
+  f.add(model_config_to_json(mc));
+  // A strided sample of the weights: cheap, and any other checkpoint of the same shape differs.
+  const size_t stride = std::max<size_t>(1, w.storage.size() / 65536);
+  for (size_t i = 0; i < w.storage.size(); i += stride) f.add(&w.storage[i], sizeof(float));
+  return mc.model_type + "/" + std::to_string(w.storage.size()) + "/" + f.hex();
+}
+
+std::string lora_fingerprint(const LoraAdapter& a) {
+  std::ostringstream s;
+  s << "r=" << a.spec.rank << " alpha=" << a.spec.alpha << " rslora=" << a.spec.use_rslora
+    << " targets=";
+  for (const auto& t : a.spec.target_names()) s << t << ",";
+  s << " params=" << a.params.size();
+  return s.str();
+}
+
+std::string data_fingerprint(const std::vector<Example>& data) {
+  Fnv f;
+  for (const Example& e : data) {
+    f.add(e.input_ids.data(), e.input_ids.size() * sizeof(int32_t));
+    f.add(e.labels.data(), e.labels.size() * sizeof(int32_t));
+  }
+  return std::to_string(data.size()) + " examples/" + f.hex();
+}
+
+// Runs fn on every rank; if it throws anywhere, every rank throws the first error (with the
+// rank named), so no rank is left waiting in a collective for one that already failed.
+template <typename F>
+void on_all_ranks(Communicator& comm, F&& fn) {
+  std::string err;
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    err = e.what();
+    if (err.empty()) err = "unknown error";
+  }
+  if (comm.size() == 1) {
+    if (!err.empty()) throw std::runtime_error(err);
+    return;
+  }
+  const std::vector<std::string> errs = comm.all_gather_strings(err);
+  for (size_t r = 0; r < errs.size(); ++r)
+    if (!errs[r].empty()) throw std::runtime_error("rank " + std::to_string(r) + ": " + errs[r]);
+}
+
 struct EvalSet {
   std::string name;
   std::vector<Example> examples;
 };
 
-// Mean token loss of the adapter over a dataset (no dropout).
+// Mean token loss over a dataset; ranks split the examples and sum (loss, count).
 std::pair<double, int64_t> evaluate(CpuTransformer& model, const LoraAdapter& a,
-                                    const std::vector<Example>& data, int batch) {
-  double sum = 0;
-  int64_t count = 0;
-  for (size_t i = 0; i < data.size(); i += batch) {
-    std::vector<const Example*> ex;
-    for (size_t j = i; j < std::min(data.size(), i + batch); ++j) ex.push_back(&data[j]);
+                                    const std::vector<Example>& data, int batch,
+                                    Communicator& comm) {
+  double acc[2] = {0, 0};  // loss sum, token count
+  std::vector<const Example*> mine;
+  for (size_t i = comm.rank(); i < data.size(); i += comm.size()) mine.push_back(&data[i]);
+  for (size_t i = 0; i < mine.size(); i += batch) {
+    std::vector<const Example*> ex(mine.begin() + i, mine.begin() + std::min(mine.size(), i + batch));
     LossSum ls = model.forward_loss(make_micro_batch(ex), a);
-    sum += ls.loss_sum;
-    count += ls.num_targets;
+    acc[0] += ls.loss_sum;
+    acc[1] += static_cast<double>(ls.num_targets);
   }
-  return {count > 0 ? sum / count : NAN, count};
+  if (comm.size() > 1) comm.all_reduce_sum(std::span<double>(acc, 2));
+  return {acc[1] > 0 ? acc[0] / acc[1] : NAN, static_cast<int64_t>(acc[1])};
 }
 
-void prune_checkpoints(const std::string& out_dir, int64_t keep) {
-  if (keep <= 0) return;
-  std::vector<std::pair<int64_t, fs::path>> ckpts;
-  for (const auto& e : fs::directory_iterator(out_dir)) {
-    const std::string name = e.path().filename().string();
-    if (e.is_directory() && name.rfind("checkpoint-", 0) == 0)
-      ckpts.push_back({std::stoll(name.substr(11)), e.path()});
-  }
-  std::sort(ckpts.begin(), ckpts.end());
-  for (size_t i = 0; i + keep < ckpts.size(); ++i) fs::remove_all(ckpts[i].second);
+struct Run {
+  const TrainConfig& cfg;
+  Communicator& comm;
+  bool root;
+  ModelConfig mc;
+  BaseWeights weights;
+  std::vector<Example> train;
+  std::vector<EvalSet> evals;
+  CheckpointIdentity identity;
+};
+
+void save_checkpoint(Run& run, const LoraAdapter& adapter, const ZeroAdamW& opt,
+                     const TrainerState& state) {
+  const fs::path out(run.cfg.output_dir);
+  const std::string name = checkpoint_dir_name(state.step);
+  const fs::path tmp = out / (name + ".tmp"), final_dir = out / name;
+  on_all_ranks(run.comm, [&] {
+    if (run.root) {
+      fs::remove_all(tmp);
+      fs::create_directories(tmp);
+    }
+  });
+  on_all_ranks(run.comm, [&] {
+    write_optimizer_shard_h5((tmp / optimizer_shard_file(run.comm.rank(), run.comm.size())).string(),
+                             opt.export_shard(adapter.params), run.identity);
+    if (run.root) {
+      write_adapter_h5((tmp / "adapter.h5").string(), adapter, run.identity);
+      write_trainer_state_h5((tmp / "trainer_state.h5").string(), state);
+      save_peft_adapter((tmp / "adapter").string(), adapter, run.cfg.model_name_or_path);
+    }
+  });
+  on_all_ranks(run.comm, [&] {
+    if (!run.root) return;
+    // A resumed run may save a step that an earlier run also saved: the new one replaces it.
+    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    finalize_checkpoint(tmp.string(), final_dir.string());
+    prune_checkpoints(run.cfg.output_dir, run.cfg.save_total_limit);
+  });
 }
 
 }  // namespace
 
 TrainResult run_training(const TrainConfig& cfg) {
+  auto comm = make_single_rank_communicator();
+  return run_training(cfg, *comm);
+}
+
+TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   validate_train_config(cfg);
   const auto t_start = Clock::now();
   if (cfg.num_threads > 0) omp_set_num_threads(cfg.num_threads);
+  Run run{cfg, comm, comm.rank() == 0, {}, {}, {}, {}, {}};
   ProgressLine progress;
-
-  // ---- output directory: refuse to overwrite a finished run unless asked.
-  // Nothing is written there until the model and data have loaded without error.
-  if (fs::exists(fs::path(cfg.output_dir) / "adapter") && !cfg.overwrite_output_dir)
-    throw std::runtime_error("output_dir '" + cfg.output_dir +
-                             "' already holds an adapter; set overwrite_output_dir = true or "
-                             "choose another output_dir");
-
-  // ---- model and adapter
-  const ModelConfig mc = load_model_config(cfg.model_name_or_path);
-  const BaseWeights weights = load_base_weights(cfg.model_name_or_path, mc);
-  LoraSpec spec;
-  spec.rank = cfg.lora_rank;
-  spec.alpha = cfg.lora_alpha;
-  spec.dropout = cfg.lora_dropout;
-  spec.use_rslora = cfg.use_rslora;
-  spec.targets = LoraSpec::parse_targets(cfg.target_modules);
+  auto say = [&](const std::string& s) { if (run.root) progress.message(s); };
   TrainResult result;
   LoraAdapter& adapter = result.adapter;
-  adapter.allocate(mc, spec);
-  if (cfg.init_adapter.empty())
-    adapter.init_peft_default(static_cast<uint64_t>(cfg.seed));
-  else
-    load_peft_adapter(cfg.init_adapter, adapter);
 
-  // ---- data
-  PretokenizedOptions popt;
-  popt.max_length = cfg.model_max_length;
-  popt.max_samples = cfg.max_train_samples;
-  const std::vector<Example> train = read_pretokenized(cfg.train_file_dir, popt);
-  if (train.empty()) throw std::runtime_error("the training set is empty");
-  std::vector<EvalSet> evals;
-  for (const std::string& d : cfg.validation_file_dir) {
-    PretokenizedOptions eopt = popt;
-    eopt.max_samples = cfg.max_eval_samples;
-    evals.push_back({fs::path(d).filename().string(), read_pretokenized({d}, eopt)});
+  // ---- load everything on every rank before writing anything anywhere.
+  on_all_ranks(comm, [&] {
+    // Only a run that resumes may find its own adapter there; others refuse to overwrite.
+    if (cfg.resume_from_checkpoint.empty() && !cfg.overwrite_output_dir &&
+        fs::exists(fs::path(cfg.output_dir) / "adapter"))
+      throw std::runtime_error("output_dir '" + cfg.output_dir +
+                               "' already holds an adapter; set overwrite_output_dir = true, "
+                               "resume_from_checkpoint, or choose another output_dir");
+    run.mc = load_model_config(cfg.model_name_or_path);
+    run.weights = load_base_weights(cfg.model_name_or_path, run.mc);
+    LoraSpec spec;
+    spec.rank = cfg.lora_rank;
+    spec.alpha = cfg.lora_alpha;
+    spec.dropout = cfg.lora_dropout;
+    spec.use_rslora = cfg.use_rslora;
+    spec.targets = LoraSpec::parse_targets(cfg.target_modules);
+    adapter.allocate(run.mc, spec);
+    if (cfg.init_adapter.empty())
+      adapter.init_peft_default(static_cast<uint64_t>(cfg.seed));
+    else
+      load_peft_adapter(cfg.init_adapter, adapter);
+    PretokenizedOptions popt;
+    popt.max_length = cfg.model_max_length;
+    popt.max_samples = cfg.max_train_samples;
+    run.train = read_pretokenized(cfg.train_file_dir, popt);
+    if (run.train.empty()) throw std::runtime_error("the training set is empty");
+    for (const std::string& d : cfg.validation_file_dir) {
+      PretokenizedOptions eopt = popt;
+      eopt.max_samples = cfg.max_eval_samples;
+      run.evals.push_back({fs::path(d).filename().string(), read_pretokenized({d}, eopt)});
+    }
+  });
+  run.identity.ftune_version = FTUNE_VERSION;
+  run.identity.model_fingerprint = model_fingerprint(run.mc, run.weights);
+  run.identity.lora_fingerprint = lora_fingerprint(adapter);
+  run.identity.num_params = static_cast<int64_t>(adapter.params.size());
+  {
+    // The seed's "environment consistency" pitfall: every rank must run the same thing.
+    std::string fp = "ftune " FTUNE_VERSION "\nmodel " + run.identity.model_fingerprint +
+                     "\nlora " + run.identity.lora_fingerprint + "\ndata " +
+                     data_fingerprint(run.train) + "\nconfig\n" + train_config_to_toml(cfg);
+    require_same_on_all_ranks(comm, fp, "ftune version, configuration, model and data");
   }
 
-  fs::create_directories(cfg.output_dir);
-  {
+  // ---- schedule
+  const int gas = cfg.gradient_accumulation_steps;
+  const int world = comm.size();
+  const int micro_per_step = gas * world;
+  MicroBatchStream stream(run.train, cfg.per_device_train_batch_size, cfg.shuffle, cfg.seed);
+  int64_t total_steps = cfg.max_steps;
+  if (total_steps <= 0) {
+    // HF Trainer: update steps per epoch = max(micro-batches per epoch // (gas x ranks), 1).
+    const int64_t per_epoch = std::max<int64_t>(stream.micro_per_epoch() / micro_per_step, 1);
+    total_steps = static_cast<int64_t>(std::ceil(cfg.num_train_epochs * per_epoch));
+  }
+  const LrSchedule sched{cfg.lr_scheduler_type, cfg.learning_rate,
+                         resolve_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
+                         total_steps};
+  CpuTransformer model(run.weights, cfg.gradient_checkpointing);
+  std::vector<float> grads(adapter.params.size());
+  ZeroAdamW opt(adapter.params.size(), cfg.zero_stage, comm,
+                {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay});
+
+  // ---- resume
+  int64_t start_step = 0;
+  std::string metrics_so_far;
+  if (!cfg.resume_from_checkpoint.empty()) {
+    std::string dir = cfg.resume_from_checkpoint;
+    on_all_ranks(comm, [&] {
+      if (dir == "latest") {
+        auto latest = find_latest_checkpoint(cfg.output_dir);
+        if (!latest)
+          throw std::runtime_error("resume_from_checkpoint = \"latest\": no complete checkpoint in '" +
+                                   cfg.output_dir + "'");
+        dir = *latest;
+      }
+      read_adapter_h5((fs::path(dir) / "adapter.h5").string(), adapter, run.identity);
+      const ShardRange own = opt.owned();
+      opt.import_shard(read_optimizer_resharded(dir, own.begin, own.end, run.identity),
+                       adapter.params);
+      const TrainerState st = read_trainer_state_h5((fs::path(dir) / "trainer_state.h5").string());
+      if (st.seed != static_cast<uint64_t>(cfg.seed))
+        throw std::runtime_error("checkpoint '" + dir + "' was made with seed " +
+                                 std::to_string(st.seed) + ", this run has seed " +
+                                 std::to_string(cfg.seed));
+      stream.restore({st.data_epoch, st.data_pos, st.data_consumed});
+      start_step = st.step;
+      result.losses = st.losses;
+      result.tokens = st.tokens;
+      metrics_so_far = st.metrics_jsonl;
+    });
+    // With stage 1/2 each rank restored its own shard of the master weights: gather them.
+    if (opt.stage() > 0 && world > 1) {
+      const ShardRange own = opt.owned();
+      std::vector<float> mine(adapter.params.begin() + own.begin, adapter.params.begin() + own.end);
+      comm.all_gather(mine, adapter.params);
+    }
+    say("[ftune] resumed from " + dir + " at step " + std::to_string(start_step));
+  }
+
+  // ---- outputs: rank 0 writes them, now that everything loaded.
+  std::unique_ptr<MetricsLog> metrics;
+  on_all_ranks(comm, [&] {
+    if (!run.root) return;
+    fs::create_directories(cfg.output_dir);
     std::ofstream f(fs::path(cfg.output_dir) / "ftune_config.toml");
     f << train_config_to_toml(cfg);
     if (!f) throw std::runtime_error("cannot write to output_dir '" + cfg.output_dir + "'");
-  }
-
-  MicroBatchStream stream(train, cfg.per_device_train_batch_size, cfg.shuffle, cfg.seed);
-  const int gas = cfg.gradient_accumulation_steps;
-  int64_t total_steps = cfg.max_steps;
-  if (total_steps <= 0) {
-    // HF Trainer: update steps per epoch = max(micro-batches // gas, 1).
-    const int64_t per_epoch = std::max<int64_t>(stream.micro_per_epoch() / gas, 1);
-    total_steps = static_cast<int64_t>(std::ceil(cfg.num_train_epochs * per_epoch));
-  }
-  LrSchedule sched{cfg.lr_scheduler_type, cfg.learning_rate,
-                   resolve_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
-                   total_steps};
-
-  CpuTransformer model(weights, cfg.gradient_checkpointing);
-  std::vector<float> grads(adapter.params.size());
-  AdamWState opt;
-  opt.resize(adapter.params.size());
-  const AdamWHyper hyper{cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay};
-  MetricsLog metrics((fs::path(cfg.output_dir) / "metrics.jsonl").string());
-
+    metrics = std::make_unique<MetricsLog>((fs::path(cfg.output_dir) / "metrics.jsonl").string(),
+                                           metrics_so_far);
+  });
   {
     std::ostringstream s;
-    s << "[ftune] model " << mc.model_type << " (" << mc.num_hidden_layers << " layers, hidden "
-      << mc.hidden_size << ", vocab " << mc.vocab_size << "), LoRA r=" << spec.rank
-      << " alpha=" << spec.alpha << " on " << adapter.slots.size() << " projections ("
-      << adapter.params.size() << " trainable parameters)\n"
-      << "[ftune] device cpu, " << omp_get_max_threads() << " threads; " << train.size()
-      << " examples, " << total_steps << " steps of " << cfg.per_device_train_batch_size << " x "
-      << gas << " sequences";
-    progress.message(s.str());
+    s << "[ftune] world: " << world << (world == 1 ? " rank" : " ranks") << " (launcher "
+      << comm.world().launcher << "), zero_stage " << cfg.zero_stage << ", optimizer state "
+      << opt.state_bytes() << " bytes per rank\n"
+      << "[ftune] model " << run.mc.model_type << " (" << run.mc.num_hidden_layers
+      << " layers, hidden " << run.mc.hidden_size << ", vocab " << run.mc.vocab_size
+      << "), LoRA r=" << adapter.spec.rank << " alpha=" << adapter.spec.alpha << " on "
+      << adapter.slots.size() << " projections (" << adapter.params.size()
+      << " trainable parameters)\n"
+      << "[ftune] device cpu, " << omp_get_max_threads() << " threads per rank; "
+      << run.train.size() << " examples, " << total_steps << " steps of "
+      << cfg.per_device_train_batch_size << " x " << gas << " x " << world << " sequences";
+    say(s.str());
   }
 
   auto run_eval = [&](int64_t step) {
     result.eval_losses.clear();
-    for (const EvalSet& e : evals) {
-      auto [loss, n] = evaluate(model, adapter, e.examples, cfg.per_device_eval_batch_size);
-      metrics.log_eval(step, evals.size() > 1 ? "eval_" + e.name : "eval", loss, n);
+    for (const EvalSet& e : run.evals) {
+      auto [loss, n] = evaluate(model, adapter, e.examples, cfg.per_device_eval_batch_size, comm);
+      if (metrics) metrics->log_eval(step, run.evals.size() > 1 ? "eval_" + e.name : "eval", loss, n);
       result.eval_losses.push_back(loss);
       std::ostringstream s;
       s << "[ftune] step " << step << " eval " << e.name << ": loss " << loss << ", ppl "
         << std::exp(loss);
-      progress.message(s.str());
+      say(s.str());
     }
   };
+  auto trainer_state = [&](int64_t done) {
+    TrainerState st;
+    st.step = done;
+    const StreamCursor c = stream.cursor();
+    st.data_epoch = c.epoch;
+    st.data_pos = c.pos;
+    st.data_consumed = c.consumed;
+    st.seed = static_cast<uint64_t>(cfg.seed);
+    st.world_size = world;
+    st.tokens = result.tokens;
+    st.losses = result.losses;
+    if (metrics) st.metrics_jsonl = metrics->contents();
+    return st;
+  };
 
+  // ---- the loop
   double window_loss = 0;
   int64_t window_steps = 0, window_tokens = 0;
   auto window_start = Clock::now();
-  for (int64_t step = 0; step < total_steps; ++step) {
+  for (int64_t step = start_step; step < total_steps; ++step) {
+    // Every rank forms the whole step (cheap: packing ids) so each knows the global
+    // label-token count, the step's loss normaliser, without communicating.
+    const int64_t first_micro = stream.cursor().consumed;
     std::vector<MicroBatch> micro;
-    int64_t targets = 0;
-    for (int i = 0; i < gas; ++i) {
+    int64_t targets = 0, step_tokens = 0;
+    for (int i = 0; i < micro_per_step; ++i) {
       micro.push_back(stream.next());
       targets += micro.back().num_targets();
+      step_tokens += micro.back().num_tokens();
     }
-    // The step's loss is the sum over its label tokens divided by their count, so every
-    // micro-batch is scaled by the step's total count, not its own.
     std::fill(grads.begin(), grads.end(), 0.0f);
     double loss_sum = 0;
-    const int64_t first_micro = stream.consumed() - gas;
-    for (int i = 0; i < gas; ++i) {
-      window_tokens += micro[i].num_tokens();
-      result.tokens += micro[i].num_tokens();
-      if (targets == 0) continue;
-      LossSum ls = model.forward_backward(micro[i], adapter, grads.data(),
-                                          1.0f / static_cast<float>(targets),
-                                          micro_seed(cfg.seed, first_micro + i));
-      loss_sum += ls.loss_sum;
-    }
+    if (targets > 0)
+      for (int i = comm.rank(); i < micro_per_step; i += world)
+        loss_sum += model.forward_backward(micro[i], adapter, grads.data(),
+                                           1.0f / static_cast<float>(targets),
+                                           micro_seed(cfg.seed, first_micro + i)).loss_sum;
+    if (world > 1) comm.all_reduce_sum(std::span<double>(&loss_sum, 1));
     const double lr = sched.at(step);
     double loss = NAN, norm = 0;
     if (targets == 0) {
-      progress.message("[ftune] warning: step " + std::to_string(step + 1) +
-                       " has no label tokens; no update");
+      say("[ftune] warning: step " + std::to_string(step + 1) + " has no label tokens; no update");
     } else {
       loss = loss_sum / static_cast<double>(targets);
-      norm = clip_grad_norm(grads, cfg.max_grad_norm);
-      adamw_step(adapter.params, grads, opt, lr, hyper);
+      norm = opt.step(adapter.params, grads, lr, cfg.max_grad_norm);
     }
     result.losses.push_back(loss);
     result.grad_norms.push_back(norm);
     result.lrs.push_back(lr);
+    result.tokens += step_tokens;
+    window_tokens += step_tokens;
     if (std::isfinite(loss)) {
       window_loss += loss;
       ++window_steps;
@@ -252,7 +380,7 @@ TrainResult run_training(const TrainConfig& cfg) {
 
     const int64_t done = step + 1;
     if (done % cfg.logging_steps == 0 || done == total_steps) {
-      const double window_s = std::chrono::duration<double>(Clock::now() - window_start).count();
+      const double window_s = seconds_since(window_start);
       StepReport r;
       r.step = done;
       r.total_steps = total_steps;
@@ -262,9 +390,9 @@ TrainResult run_training(const TrainConfig& cfg) {
       r.grad_norm = norm;
       r.tokens = result.tokens;
       r.tokens_per_s = window_s > 0 ? window_tokens / window_s : 0;
-      r.elapsed_s = std::chrono::duration<double>(Clock::now() - t_start).count();
-      metrics.log_step(r);
-      progress.update(r);
+      r.elapsed_s = seconds_since(t_start);
+      if (metrics) metrics->log_step(r);
+      if (run.root) progress.update(r);
       window_loss = 0;
       window_steps = window_tokens = 0;
       window_start = Clock::now();
@@ -273,23 +401,25 @@ TrainResult run_training(const TrainConfig& cfg) {
       run_eval(done);
       window_start = Clock::now();  // evaluation time is not training throughput
     }
-    if (cfg.save_steps > 0 && done % cfg.save_steps == 0 && done != total_steps) {
-      save_peft_adapter((fs::path(cfg.output_dir) / ("checkpoint-" + std::to_string(done))).string(),
-                        adapter, cfg.model_name_or_path);
-      prune_checkpoints(cfg.output_dir, cfg.save_total_limit);
-    }
+    if (cfg.save_steps > 0 && done % cfg.save_steps == 0 && done != total_steps)
+      save_checkpoint(run, adapter, opt, trainer_state(done));
   }
-  progress.finish();
-  if (!evals.empty()) run_eval(total_steps);
+  if (run.root) progress.finish();
+  if (!run.evals.empty()) run_eval(total_steps);
 
+  // ---- final outputs: a checkpoint (resumable) and the PEFT adapter.
+  if (start_step < total_steps) save_checkpoint(run, adapter, opt, trainer_state(total_steps));
   const std::string adapter_dir = (fs::path(cfg.output_dir) / "adapter").string();
-  save_peft_adapter(adapter_dir, adapter, cfg.model_name_or_path);
-  result.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
+  on_all_ranks(comm, [&] {
+    if (run.root) save_peft_adapter(adapter_dir, adapter, cfg.model_name_or_path);
+  });
+  result.seconds = seconds_since(t_start);
   {
     std::ostringstream s;
     s << "[ftune] done: " << total_steps << " steps in " << format_duration(result.seconds)
-      << ", final loss " << result.losses.back() << "; adapter written to " << adapter_dir;
-    progress.message(s.str());
+      << ", final loss " << (result.losses.empty() ? NAN : result.losses.back())
+      << "; adapter written to " << adapter_dir;
+    say(s.str());
   }
   return result;
 }
