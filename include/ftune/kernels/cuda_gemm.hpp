@@ -1,0 +1,41 @@
+#pragma once
+// kernels module (CUDA backend): bf16 matrix products through cuBLASLt, row-major, fp32
+// accumulation, bf16 or fp32 output, in the three layouts the model needs (the twins of
+// cpu::matmul_nt / nn / tn):
+//   NT: C[M,N] = alpha * A[M,K] * B[N,K]^T + beta * C   (linear layer:  x W^T)
+//   NN: C[M,N] = alpha * A[M,K] * B[K,N]   + beta * C   (input grad:    dy W)
+//   TN: C[M,N] = alpha * A[K,M]^T * B[K,N] + beta * C   (weight grad:   dy^T x)
+// The algorithm is picked by cuBLASLt's heuristic once per (layout, shape, output type,
+// pointer alignment) and cached with its descriptors. One Gemm owns one cuBLASLt handle and
+// a 32 MiB workspace: use one Gemm per stream (the workspace is not shared safely across
+// concurrent streams). Plain C++ header; implemented in src/kernels/cuda/gemm.cu.
+#include <cstdint>
+#include <memory>
+
+#include "ftune/kernels/cuda_device.hpp"
+
+namespace ftune::cuda {
+
+enum class GemmOp { NT, NN, TN };
+
+class Gemm {
+ public:
+  static constexpr size_t kDefaultWorkspace = size_t(32) << 20;  // Hopper's recommendation
+  explicit Gemm(size_t workspace_bytes = kDefaultWorkspace);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  void matmul(GemmOp op, bf16* C, const bf16* A, const bf16* B, int64_t M, int64_t N,
+              int64_t K, float alpha, float beta, stream_t stream);
+  void matmul(GemmOp op, float* C, const bf16* A, const bf16* B, int64_t M, int64_t N,
+              int64_t K, float alpha, float beta, stream_t stream);
+
+  size_t cached_plans() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ftune::cuda

@@ -1,0 +1,147 @@
+// Elementwise bf16 ops (SwiGLU, residual add, dropout) over one generic grid-stride kernel:
+// 8 values per step with 16-byte accesses when every pointer is 16-byte aligned, a scalar
+// tail for n % 8, or a scalar loop otherwise. Each op sees fp32 values and rounds once.
+#include <cmath>
+
+#include "common.cuh"
+#include "ftune/kernels/cuda_ops.hpp"
+
+namespace ftune::cuda {
+namespace {
+using namespace detail;
+
+template <int NI, int NO>
+struct Ptrs {
+  const __nv_bfloat16* in[NI];
+  __nv_bfloat16* out[NO];
+  bool aligned() const {
+    for (int k = 0; k < NI; ++k)
+      if (!aligned16(in[k])) return false;
+    for (int k = 0; k < NO; ++k)
+      if (!aligned16(out[k])) return false;
+    return true;
+  }
+};
+
+// op(i, x[NI], y[NO]) computes element i. Outputs may alias inputs: each element is read
+// and written by the same thread.
+template <bool kVec, int NI, int NO, class Op>
+__global__ void ew_kernel(Ptrs<NI, NO> p, int64_t n, Op op) {
+  const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if constexpr (kVec) {
+    const int64_t chunks = n / 8;
+    for (int64_t c = tid; c < chunks; c += stride) {
+      float x[NI][8], y[NO][8];
+#pragma unroll
+      for (int k = 0; k < NI; ++k) load8(p.in[k] + c * 8, x[k]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float xs[NI], ys[NO];
+#pragma unroll
+        for (int k = 0; k < NI; ++k) xs[k] = x[k][j];
+        op(c * 8 + j, xs, ys);
+#pragma unroll
+        for (int k = 0; k < NO; ++k) y[k][j] = ys[k];
+      }
+#pragma unroll
+      for (int k = 0; k < NO; ++k) store8(p.out[k] + c * 8, y[k]);
+    }
+    done = chunks * 8;
+  }
+  for (int64_t i = done + tid; i < n; i += stride) {
+    float xs[NI], ys[NO];
+#pragma unroll
+    for (int k = 0; k < NI; ++k) xs[k] = ld(p.in[k] + i);
+    op(i, xs, ys);
+#pragma unroll
+    for (int k = 0; k < NO; ++k) st(p.out[k] + i, ys[k]);
+  }
+}
+
+template <int NI, int NO, class Op>
+void ew_launch(const Ptrs<NI, NO>& p, int64_t n, Op op, stream_t stream) {
+  if (n <= 0) return;
+  const int threads = 256;
+  if (p.aligned())
+    ew_kernel<true><<<grid_for((n + 7) / 8, threads), threads, 0, stream>>>(p, n, op);
+  else
+    ew_kernel<false><<<grid_for(n, threads), threads, 0, stream>>>(p, n, op);
+  FTUNE_CUDA_LAUNCH_CHECK();
+}
+
+struct SwigluFwd {
+  __device__ void operator()(int64_t, const float (&x)[2], float (&y)[1]) const {
+    const float g = x[0];
+    y[0] = g / (1.f + expf(-g)) * x[1];
+  }
+};
+struct SwigluBwd {  // in: dh, gate, up   out: dgate, dup
+  __device__ void operator()(int64_t, const float (&x)[3], float (&y)[2]) const {
+    const float dh = x[0], g = x[1], up = x[2];
+    const float sg = 1.f / (1.f + expf(-g));
+    y[0] = dh * up * sg * (1.f + g * (1.f - sg));
+    y[1] = dh * (g * sg);
+  }
+};
+struct Add {
+  __device__ void operator()(int64_t, const float (&x)[2], float (&y)[1]) const {
+    y[0] = x[0] + x[1];
+  }
+};
+
+// cpu::dropout_keep: u = (mix64(seed ^ mix64(i)) >> 11) * 2^-53, keep iff u >= p. Both sides
+// are exact in double, so u >= p  <=>  (r >> 11) >= ceil(p * 2^53): an integer compare that
+// gives the CPU's decision bit for bit without device doubles.
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+template <bool kAccumulate>
+struct Dropout {  // in: x (, y)   out: y
+  uint64_t seed, threshold;
+  float scale;
+  __device__ void operator()(int64_t i, const float (&x)[kAccumulate ? 2 : 1],
+                             float (&y)[1]) const {
+    const uint64_t r = mix64(seed ^ mix64(static_cast<uint64_t>(i)));
+    const float v = (r >> 11) >= threshold ? x[0] * scale : 0.f;
+    if constexpr (kAccumulate)
+      y[0] = x[1] + v;
+    else
+      y[0] = v;
+  }
+};
+
+}  // namespace
+
+void swiglu_forward(bf16* h, const bf16* gate, const bf16* up, int64_t n, stream_t stream) {
+  ew_launch(Ptrs<2, 1>{{dev(gate), dev(up)}, {dev(h)}}, n, SwigluFwd{}, stream);
+}
+
+void swiglu_backward(bf16* dgate, bf16* dup, const bf16* dh, const bf16* gate, const bf16* up,
+                     int64_t n, stream_t stream) {
+  ew_launch(Ptrs<3, 2>{{dev(dh), dev(gate), dev(up)}, {dev(dgate), dev(dup)}}, n, SwigluBwd{},
+            stream);
+}
+
+void residual_add(bf16* out, const bf16* a, const bf16* b, int64_t n, stream_t stream) {
+  ew_launch(Ptrs<2, 1>{{dev(a), dev(b)}, {dev(out)}}, n, Add{}, stream);
+}
+
+void dropout_apply(bf16* y, const bf16* x, int64_t n, double p, uint64_t seed,
+                   bool accumulate, stream_t stream) {
+  if (!(p >= 0.0 && p < 1.0)) throw CudaError("dropout_apply: p must be in [0, 1)");
+  // p * 2^53 is exact (a power-of-two scaling), so its ceiling is the exact threshold.
+  const uint64_t threshold = static_cast<uint64_t>(std::ceil(p * 9007199254740992.0));
+  const float scale = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;  // CPU's keep_scale
+  if (accumulate)
+    ew_launch(Ptrs<2, 1>{{dev(x), dev(y)}, {dev(y)}}, n, Dropout<true>{seed, threshold, scale},
+              stream);
+  else
+    ew_launch(Ptrs<1, 1>{{dev(x)}, {dev(y)}}, n, Dropout<false>{seed, threshold, scale}, stream);
+}
+
+}  // namespace ftune::cuda

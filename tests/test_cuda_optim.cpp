@@ -1,0 +1,146 @@
+// CUDA backend, optimizer side against src/train/optimizer.cpp: AdamW steps (with and
+// without a device-side clipping scale), the deterministic fp32 sum-of-squares / sum, and
+// the clipping coefficient. AdamW does the CPU's fp32 operations in the CPU's order with
+// no FMA, so it should agree bit for bit; the check allows 1e-6 relative (a host compiler
+// that contracts FMAs would differ by an ulp) and reports how many values are identical.
+// The reductions are fp32 against the CPU's double: ~1e-6 relative. Skips without a GPU.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "ftune/kernels/cuda_device.hpp"
+#include "ftune/kernels/cuda_optim.hpp"
+#include "ftune/train/optimizer.hpp"
+
+namespace cu = ftune::cuda;
+using F = std::vector<float>;
+
+#define REQUIRE_GPU()                 \
+  if (cu::cuda_device_count() == 0) { \
+    MESSAGE("skipped: no GPU");       \
+    return;                           \
+  }
+
+namespace {
+
+F rand_vec(std::mt19937& rng, size_t n, float mag) {
+  std::uniform_real_distribution<float> u(0.05f, 1.f);
+  std::bernoulli_distribution sign(0.5);
+  F v(n);
+  for (auto& e : v) e = mag * (sign(rng) ? u(rng) : -u(rng));
+  return v;
+}
+
+struct Compare {
+  double rel = 0;
+  size_t identical = 0;
+};
+Compare compare(const F& got, const F& want) {
+  Compare c;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::abs(double(got[i]) - want[i]);
+    c.rel = std::max(c.rel, d / (std::abs(double(want[i])) + 1e-30));
+    c.identical += std::memcmp(&got[i], &want[i], 4) == 0;
+  }
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("cuda: adamw steps match the CPU optimizer") {
+  REQUIRE_GPU();
+  std::mt19937 rng(21);
+  const ftune::AdamWHyper h{0.9, 0.999, 1e-8, 0.01};
+  for (int64_t n : {7, 100003}) {
+    for (double max_norm : {0.0, 1.0}) {  // 0: no clipping; 1: clips (norm ~ sqrt(n)/2)
+      F params = rand_vec(rng, n, 1.f);
+      ftune::AdamWState st;
+      st.resize(n);
+      auto dP = cu::to_device(params), dM = cu::to_device(st.m), dV = cu::to_device(st.v);
+      cu::DeviceBuffer dG(n * 4), dWs(cu::kReduceWorkspaceFloats * 4), dSS(4), dScale(4);
+      for (int step = 1; step <= 3; ++step) {
+        F grads = rand_vec(rng, n, 0.1f * step);
+        dG.upload(grads.data(), n * 4);
+        const double lr = 1e-3 * step;
+        const float* scale = nullptr;
+        if (max_norm > 0) {
+          cu::reduce_sum(dSS.as<float>(), dG.as<float>(), n, true, false, dWs.as<float>(),
+                         nullptr);
+          cu::clip_scale(dScale.as<float>(), nullptr, dSS.as<float>(), max_norm, nullptr);
+          scale = dScale.as<float>();
+          ftune::clip_grad_norm(grads, max_norm);
+        }
+        cu::adamw_step(dP.as<float>(), dG.as<float>(), dM.as<float>(), dV.as<float>(), n,
+                       cu::adamw_scalars(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay),
+                       scale, nullptr);
+        ftune::adamw_step(params, grads, st, lr, h);
+      }
+      const Compare cp = compare(cu::to_host<float>(dP, n), params),
+                    cm = compare(cu::to_host<float>(dM, n), st.m),
+                    cv = compare(cu::to_host<float>(dV, n), st.v);
+      MESSAGE("adamw n=" << n << " max_norm=" << max_norm << ": params rel " << cp.rel << " ("
+                         << cp.identical << "/" << n << " identical), m rel " << cm.rel << " ("
+                         << cm.identical << "), v rel " << cv.rel << " (" << cv.identical << ")");
+      // With clipping the coefficient comes from an fp32 (GPU) vs double (CPU) norm.
+      const double tol = max_norm > 0 ? 1e-5 : 1e-6;
+      CHECK(cp.rel < tol);
+      CHECK(cm.rel < tol);
+      CHECK(cv.rel < tol);
+    }
+  }
+}
+
+TEST_CASE("cuda: deterministic sum of squares, sum and clip scale") {
+  REQUIRE_GPU();
+  std::mt19937 rng(22);
+  // One workspace per stream: reductions in flight on two streams must not share one.
+  cu::DeviceBuffer dWs(cu::kReduceWorkspaceFloats * 4), dWs2(cu::kReduceWorkspaceFloats * 4),
+      dOut(4 * 4);
+  cu::Stream stream;
+  for (int64_t n : {1, 1000, (1 << 20) + 7, 50'000'017}) {
+    const F g = rand_vec(rng, n, 1e-2f);
+    auto dG = cu::to_device(g);
+    double ss = 0, sum = 0;
+    for (float e : g) {
+      ss += double(e) * e;
+      sum += e;
+    }
+    float* out = dOut.as<float>();
+    cu::reduce_sum(out, dG.as<float>(), n, true, false, dWs.as<float>(), nullptr);
+    cu::reduce_sum(out + 1, dG.as<float>(), n, true, false, dWs2.as<float>(), stream.get());
+    cu::reduce_sum(out + 2, dG.as<float>(), n, false, false, dWs.as<float>(), nullptr);
+    // accumulate: sumsq of the two halves added into one value.
+    cu::reduce_sum(out + 3, dG.as<float>(), n / 2, true, false, dWs.as<float>(), nullptr);
+    cu::reduce_sum(out + 3, dG.as<float>() + n / 2, n - n / 2, true, true, dWs.as<float>(),
+                   nullptr);
+    const F r = cu::to_host<float>(dOut, 4);
+    const double e_ss = std::abs(r[0] - ss) / ss;
+    // A sum of signed terms cancels: compare against the sum of magnitudes instead.
+    double mag = 0;
+    for (float e : g) mag += std::abs(e);
+    const double e_sum = std::abs(r[2] - sum) / mag;
+    MESSAGE("reduce n=" << n << ": sumsq rel " << e_ss << ", sum err/|sum| " << e_sum
+                        << ", halves rel " << std::abs(r[3] - ss) / ss);
+    CHECK(e_ss < 1e-5);
+    CHECK(e_sum < 1e-5);
+    CHECK(std::abs(r[3] - ss) / ss < 1e-5);
+    CHECK(std::memcmp(&r[0], &r[1], 4) == 0);  // same n -> same bits, any stream
+
+    // Clip scale vs clip_grad_norm's coefficient (max_norm below and above the norm).
+    const double norm = std::sqrt(ss);
+    for (double max_norm : {0.5 * norm, 2.0 * norm, 0.0}) {
+      cu::DeviceBuffer dScale(4), dNorm(4);
+      cu::clip_scale(dScale.as<float>(), dNorm.as<float>(), out, max_norm, nullptr);
+      const float s = cu::to_host<float>(dScale, 1)[0], nr = cu::to_host<float>(dNorm, 1)[0];
+      const double coef = max_norm / (norm + 1e-6);
+      const double want = (max_norm > 0 && coef < 1) ? coef : 1.0;
+      CHECK(std::abs(nr - norm) / norm < 1e-5);
+      CHECK(std::abs(s - want) / want < 1e-5);
+    }
+  }
+}
