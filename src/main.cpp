@@ -2,9 +2,11 @@
 //   train       train a LoRA adapter (config file + flags)
 //   init-model  write a randomly initialised HF model directory (tests, demos)
 //   tokenize    encode JSONL texts with an HF tokenizer.json
+//   doctor      check a multi-rank setup
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,6 +14,8 @@
 #include "ftune/data/tokenizer.hpp"
 #include "ftune/io/hf_model.hpp"
 #include "ftune/model/weights.hpp"
+#include "ftune/dist/communicator.hpp"
+#include "ftune/train/doctor.hpp"
 #include "ftune/train/trainer.hpp"
 
 namespace {
@@ -24,6 +28,10 @@ commands:
   train       train a LoRA adapter: ftune train --config FILE.toml [--NAME VALUE ...]
   init-model  write a randomly initialised HF model directory
   tokenize    encode {"text": ...} JSONL lines into {"ids": [...]} with an HF tokenizer
+  doctor      check a (multi-rank) setup: rendezvous, GPUs, all-reduce bandwidth, data, output
+
+launch several ranks with `mpirun -np N ftune train ...`, `srun ftune train ...` or
+tools/torchrun_multi_node_multi_gpu.sh (torchrun's MASTER_ADDR/MASTER_PORT/... variables).
 
 `ftune <command> --help` lists a command's options.
 )";
@@ -31,7 +39,22 @@ commands:
 int cmd_train(const std::vector<std::string>& args) {
   std::optional<ftune::TrainConfig> cfg = ftune::parse_train_command(args);
   if (!cfg) return 0;  // --help
-  ftune::run_training(*cfg);
+  // Config errors are reported before the rendezvous: every rank sees the same file.
+  ftune::validate_train_config(*cfg);
+  std::unique_ptr<ftune::Communicator> comm = ftune::bootstrap();
+  try {
+    ftune::run_training(*cfg, *comm);
+  } catch (const ftune::CollectiveError& e) {
+    // Every rank raised it together: exit cleanly, rank 0 reports.
+    if (comm->rank() == 0) std::cerr << "\nftune: error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    if (comm->size() == 1) throw;
+    // One rank failed alone: the others may wait on it in a collective, so end the job.
+    std::cerr << "\nftune: error on rank " << comm->rank() << " of " << comm->size() << ": "
+              << e.what() << "\n";
+    comm->abort(1);
+  }
   return 0;
 }
 
@@ -97,7 +120,8 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "train") return cmd_train(args);
     if (cmd == "init-model") return cmd_init_model(args);
-    // TOKENIZE_PENDING if (cmd == "tokenize") return ftune::run_tokenize_command(args);
+    if (cmd == "tokenize") return ftune::run_tokenize_command(args);
+    if (cmd == "doctor") return ftune::run_doctor(args);
   } catch (const ftune::ConfigError& e) {
     std::cerr << "ftune: configuration error:\n" << e.what() << "\n";
     return 2;

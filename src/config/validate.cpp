@@ -22,8 +22,8 @@ struct NotYet {
 // (and its case in tests/test_config_validate.cpp).
 // ============================================================================
 const NotYet kNotYetSupported[] = {
-    {"zero_stage", [](const TrainConfig& c) { return c.zero_stage != 0; },
-     "ZeRO sharding is planned; use zero_stage = 0"},
+    {"zero_stage", [](const TrainConfig& c) { return c.zero_stage == 3; },
+     "ZeRO-3 (sharded frozen weights) is planned; use zero_stage = 0, 1 or 2"},
     {"load_in_8bit", [](const TrainConfig& c) { return c.load_in_8bit; },
      "8-bit quantised base weights are planned; use load_in_8bit = false"},
     {"load_in_4bit", [](const TrainConfig& c) { return c.load_in_4bit; },
@@ -38,9 +38,6 @@ const NotYet kNotYetSupported[] = {
      "fp16 mixed precision is planned; use fp16 = false (bf16 is supported)"},
     {"packing", [](const TrainConfig& c) { return c.packing; },
      "sequence packing is planned; use packing = false"},
-    {"resume_from_checkpoint",
-     [](const TrainConfig& c) { return !c.resume_from_checkpoint.empty(); },
-     "resuming from a checkpoint is planned; leave resume_from_checkpoint empty"},
     {"report_to", [](const TrainConfig& c) { return c.report_to != "none"; },
      "only metrics.jsonl (plot it with tools/plot_metrics.py) is written; use report_to = \"none\""},
     {"device", [](const TrainConfig& c) { return c.device == "cuda"; },

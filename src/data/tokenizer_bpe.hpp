@@ -5,7 +5,6 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -75,6 +74,7 @@ class BpeModel {
   void merge_small(std::vector<Symbol>& syms) const;
   void merge_large(std::vector<Symbol>& syms) const;
   void tokenize_uncached(std::string_view word, std::vector<int32_t>& out) const;
+  void tokenize_piece(std::string_view piece, std::vector<int32_t>& out) const;
   int32_t char_id(char32_t cp) const;
 
   std::unordered_map<std::string, int32_t> vocab_;
@@ -84,6 +84,10 @@ class BpeModel {
   bool ignore_merges_ = false, byte_fallback_ = false, fuse_unk_ = false;
   int32_t unk_id_ = -1;
   std::string prefix_, suffix_;  // continuing_subword_prefix, end_of_word_suffix
+  // A character c (e.g. "▁") that no merge can join to a preceding non-c character: words
+  // are cut before each such c, which gives the same ids (see tokenize()) with short,
+  // cacheable pieces for models without a pre-tokenizer. Empty when there is none.
+  std::string boundary_;
   int32_t byte_ids_[256];        // byte-level: id of each byte's code point token
   int32_t fallback_ids_[256];    // byte_fallback: id of "<0xXX>"
   std::vector<int32_t> bmp_ids_;                  // char-level: id of each BMP char token

@@ -2,9 +2,12 @@
 
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <stdexcept>
+#include <vector>
 
 namespace ftune::unicode {
 namespace {
@@ -164,49 +167,174 @@ int unicode_to_byte(char32_t cp) {
 }
 
 namespace {
-// A code point is NFC-inert when it is a starter (ccc 0), has no canonical decomposition
-// and can never be the second half of a canonical composition. A string of inert code
-// points is its own NFC.
-bool nfc_inert(char32_t cp) {
-  if (cp < 0x300) return true;  // nothing below U+0300 combines or decomposes canonically
-  if ((cp >= 0x1161 && cp <= 0x1175) || (cp >= 0x11A8 && cp <= 0x11C2)) return false;  // Hangul V/T
-  const utf8proc_property_t* p = utf8proc_get_property(static_cast<utf8proc_int32_t>(cp));
-  if (p->combining_class != 0) return false;
-  if (p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0) return false;  // canonical
-  // utf8proc marks code points that compose with a preceding starter with bit 15.
-  if (p->comb_index != UINT16_MAX && (p->comb_index & 0x8000)) return false;
-  return true;
-}
-}  // namespace
 
-bool nfc_quick_check(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto b = static_cast<unsigned char>(s[i]);
-    if (b < 0xCC) {  // every code point below U+0300 is inert
-      i += sequence_length(b);
-      continue;
-    }
-    if (!nfc_inert(next_code_point_valid(s, i))) return false;
-  }
-  return true;
+// Code points that matter to normalization in utf8proc's Unicode 15 data but that HF
+// tokenizers' normalizers (unicode-normalization-alignments, Unicode 9 data) do not know,
+// so they leave them alone as plain starters: combining marks of Unicode 10-15 and the
+// Dives Akuru composition (U+11930/U+11938). Also U+11A7, the Hangul T base, which
+// utf8proc 2.8 wrongly absorbs into a preceding LV syllable. They are normalization
+// boundaries here too. Found by probing HF with every such code point.
+struct Range {
+  char32_t lo, hi;
+};
+constexpr Range kOpaque[] = {
+    {0x7FD, 0x7FD}, {0x898, 0x89F}, {0x8CA, 0x8D3}, {0x9FE, 0x9FE}, {0xC3C, 0xC3C},
+    {0xD3B, 0xD3C}, {0xEBA, 0xEBA}, {0x11A7, 0x11A7}, {0x1715, 0x1715}, {0x1ABF, 0x1ACE},
+    {0x1DF6, 0x1DFA}, {0xA82C, 0xA82C}, {0x10D24, 0x10D27}, {0x10EAB, 0x10EAC},
+    {0x10EFD, 0x10EFF}, {0x10F46, 0x10F50}, {0x10F82, 0x10F85}, {0x11070, 0x11070},
+    {0x1133B, 0x1133B}, {0x1145E, 0x1145E}, {0x11839, 0x1183A}, {0x11930, 0x11930},
+    {0x11938, 0x11938}, {0x1193D, 0x1193E}, {0x11943, 0x11943}, {0x119E0, 0x119E0},
+    {0x11A34, 0x11A34}, {0x11A47, 0x11A47}, {0x11A99, 0x11A99}, {0x11D42, 0x11D42},
+    {0x11D44, 0x11D45}, {0x11D97, 0x11D97}, {0x11F41, 0x11F42}, {0x16FF0, 0x16FF1},
+    {0x1E08F, 0x1E08F}, {0x1E130, 0x1E136}, {0x1E2AE, 0x1E2AE}, {0x1E2EC, 0x1E2EF},
+    {0x1E4EC, 0x1E4EF}};
+// Also opaque for NFKC/NFKD: compatibility decompositions HF's data lacks.
+constexpr Range kOpaqueCompat[] = {
+    {0x32FF, 0x32FF},   {0xA7F2, 0xA7F4},   {0xAB69, 0xAB69},   {0x10781, 0x10785},
+    {0x10787, 0x107B0}, {0x107B2, 0x107BA}, {0x1E030, 0x1E06D}, {0x1F16C, 0x1F16C},
+    {0x1FBF0, 0x1FBF9}};
+
+template <size_t N>
+bool in_ranges(const Range (&ranges)[N], char32_t cp) {
+  const Range* it = std::lower_bound(std::begin(ranges), std::end(ranges), cp,
+                                     [](const Range& r, char32_t c) { return r.hi < c; });
+  return it != std::end(ranges) && it->lo <= cp;
 }
 
-std::string nfc_full(std::string_view s) {
+bool is_compat(NormalForm form) { return form == NormalForm::NFKC || form == NormalForm::NFKD; }
+
+bool opaque(char32_t cp, NormalForm form) {
+  return in_ranges(kOpaque, cp) || (is_compat(form) && in_ranges(kOpaqueCompat, cp));
+}
+
+std::string utf8proc_normalize(std::string_view s, NormalForm form) {
+  int options = UTF8PROC_STABLE;
+  options |= form == NormalForm::NFC || form == NormalForm::NFKC ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE;
+  if (is_compat(form)) options |= UTF8PROC_COMPAT;
   utf8proc_uint8_t* out = nullptr;
   const utf8proc_ssize_t n =
       utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
-                   static_cast<utf8proc_ssize_t>(s.size()), &out,
-                   static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
-  if (n < 0) throw std::runtime_error(std::string("NFC normalization failed: ") + utf8proc_errmsg(n));
+                   static_cast<utf8proc_ssize_t>(s.size()), &out, static_cast<utf8proc_option_t>(options));
+  if (n < 0) throw std::runtime_error(std::string("Unicode normalization failed: ") + utf8proc_errmsg(n));
   std::string result(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
   std::free(out);
   return result;
 }
 
+// A code point is NFC-inert when it is a starter (ccc 0), is its own NFC and can never be
+// the second half of a canonical composition. Such a code point is a normalization
+// boundary: nothing before it changes because of it. A string of inert code points is its
+// own NFC. Opaque code points count as inert (HF leaves them alone).
+bool compute_inert(char32_t cp) {
+  if (cp < 0x300) return true;  // nothing below U+0300 is a non-starter or decomposes oddly
+  if ((cp >= 0x1161 && cp <= 0x1175) || (cp >= 0x11A8 && cp <= 0x11C2)) return false;  // Hangul V/T
+  if (opaque(cp, NormalForm::NFC)) return true;
+  const utf8proc_property_t* p = utf8proc_get_property(static_cast<utf8proc_int32_t>(cp));
+  if (p->combining_class != 0) return false;
+  // utf8proc marks code points that compose with a preceding starter with bit 15.
+  if (p->comb_index != UINT16_MAX && (p->comb_index & 0x8000)) return false;
+  if (p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0) {  // canonical decomposition
+    const std::string one = to_utf8(cp);
+    return utf8proc_normalize(one, NormalForm::NFC) == one;  // é, が: inert
+  }
+  return true;
+}
+
+// One bit per code point, computed once (a few ms).
+const std::vector<uint64_t>& inert_bits() {
+  static const std::vector<uint64_t> bits = [] {
+    std::vector<uint64_t> b((0x110000 + 63) / 64, 0);
+    for (char32_t cp = 0; cp < 0x110000; ++cp)
+      if ((cp < 0xD800 || cp > 0xDFFF) && compute_inert(cp)) b[cp >> 6] |= uint64_t{1} << (cp & 63);
+    return b;
+  }();
+  return bits;
+}
+
+bool inert(const std::vector<uint64_t>& bits, char32_t cp) {
+  return (bits[cp >> 6] >> (cp & 63)) & 1;
+}
+
+}  // namespace
+
+bool nfc_quick_check(std::string_view s) {
+  const auto& bits = inert_bits();
+  for (size_t i = 0; i < s.size();) {
+    const auto b = static_cast<unsigned char>(s[i]);
+    if (b < 0xCC) {  // every code point below U+0300 is inert
+      i += sequence_length(b);
+      continue;
+    }
+    if (!inert(bits, next_code_point_valid(s, i))) return false;
+  }
+  return true;
+}
+
+bool nfc_if_changed(std::string_view s, std::string& out) {
+  // Only the spans "last inert code point + following non-inert run" go through utf8proc;
+  // inert code points are boundaries, so everything else is copied as is.
+  const auto& bits = inert_bits();
+  size_t copied = 0;    // s[0, copied) is already in out
+  size_t boundary = 0;  // start of the last inert code point
+  bool changed = false;
+  for (size_t i = 0; i < s.size();) {
+    const size_t start = i;
+    const auto b = static_cast<unsigned char>(s[i]);
+    if (b < 0xCC) {
+      boundary = start;
+      i += sequence_length(b);
+      continue;
+    }
+    if (inert(bits, next_code_point_valid(s, i))) {
+      boundary = start;
+      continue;
+    }
+    size_t end = i;  // extend over the non-inert run
+    while (end < s.size()) {
+      size_t j = end;
+      if (inert(bits, next_code_point_valid(s, j))) break;
+      end = j;
+    }
+    size_t span = std::max(boundary, copied);
+    if (size_t j = span; span < start && opaque(next_code_point_valid(s, j), NormalForm::NFC))
+      span = j;  // an opaque code point stays out of utf8proc
+    const std::string normalized = utf8proc_normalize(s.substr(span, end - span), NormalForm::NFC);
+    if (!changed) {
+      out.clear();
+      changed = true;
+    }
+    out.append(s.substr(copied, span - copied));
+    out += normalized;
+    copied = end;
+    i = end;
+  }
+  if (changed) out.append(s.substr(copied));
+  return changed;
+}
+
+std::string normalize(std::string_view s, NormalForm form) {
+  // Opaque code points are starters that never combine, so the text is normalized in
+  // pieces between them, which keeps them out of utf8proc.
+  std::string out;
+  size_t piece = 0;
+  for (size_t i = 0; i < s.size();) {
+    const size_t start = i;
+    if (static_cast<unsigned char>(s[i]) < 0xDF) {  // below U+07C0: nothing opaque
+      i += sequence_length(static_cast<unsigned char>(s[i]));
+      continue;
+    }
+    if (!opaque(next_code_point_valid(s, i), form)) continue;
+    out += utf8proc_normalize(s.substr(piece, start - piece), form);
+    out.append(s.substr(start, i - start));
+    piece = i;
+  }
+  out += utf8proc_normalize(s.substr(piece), form);
+  return out;
+}
+
 std::string nfc(std::string_view s) {
-  if (nfc_quick_check(s)) return std::string(s);
-  return nfc_full(s);
+  std::string out;
+  return nfc_if_changed(s, out) ? out : std::string(s);
 }
 
 bool is_white_space(char32_t c) {

@@ -32,13 +32,20 @@ const std::array<char32_t, 256>& byte_to_unicode();
 // Inverse map; -1 for code points that are not the image of a byte.
 int unicode_to_byte(char32_t cp);
 
-// NFC of valid UTF-8. Returns the input unchanged (no utf8proc call) when a quick scan
-// shows every code point is NFC-inert, which is the common case.
+enum class NormalForm { NFC, NFD, NFKC, NFKD };
+// `s` (valid UTF-8) in normal form `form` as HF tokenizers computes it: utf8proc, except
+// that the few normalization-relevant code points newer than HF's Unicode 9 tables are
+// left alone, as HF does.
+std::string normalize(std::string_view s, NormalForm form);
+// normalize(s, NFC), fast: returns the input unchanged (no utf8proc call) when a scan shows
+// every code point is NFC-inert, the common case; otherwise only the short spans around
+// non-inert code points go through utf8proc.
 std::string nfc(std::string_view s);
-// True when nfc(s) == s is guaranteed by the quick scan (false means "maybe not").
+// Writes nfc(s) to `out` and returns true, or returns false (out untouched) when s is
+// already NFC.
+bool nfc_if_changed(std::string_view s, std::string& out);
+// True when every code point is NFC-inert, hence nfc(s) == s (false means "maybe not").
 bool nfc_quick_check(std::string_view s);
-// Always runs utf8proc (used by tests to check the quick path).
-std::string nfc_full(std::string_view s);
 
 // Rust char::is_whitespace (Unicode White_Space), used by added-token lstrip/rstrip.
 bool is_white_space(char32_t cp);

@@ -9,11 +9,15 @@
 
 namespace ftune {
 
-MetricsLog::MetricsLog(const std::string& path) : out_(path, std::ios::trunc) {
+MetricsLog::MetricsLog(const std::string& path, const std::string& previous)
+    : out_(path, std::ios::trunc), contents_(previous) {
   if (!out_) throw std::runtime_error("cannot write metrics file '" + path + "'");
+  out_ << previous;
+  out_.flush();
 }
 
 void MetricsLog::write(const std::string& line) {
+  contents_ += line + '\n';
   out_ << line << '\n';
   out_.flush();  // a crashed or killed run still leaves every logged step
 }

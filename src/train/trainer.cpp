@@ -96,12 +96,12 @@ void on_all_ranks(Communicator& comm, F&& fn) {
     if (err.empty()) err = "unknown error";
   }
   if (comm.size() == 1) {
-    if (!err.empty()) throw std::runtime_error(err);
+    if (!err.empty()) throw CollectiveError(err);
     return;
   }
   const std::vector<std::string> errs = comm.all_gather_strings(err);
   for (size_t r = 0; r < errs.size(); ++r)
-    if (!errs[r].empty()) throw std::runtime_error("rank " + std::to_string(r) + ": " + errs[r]);
+    if (!errs[r].empty()) throw CollectiveError("rank " + std::to_string(r) + ": " + errs[r]);
 }
 
 struct EvalSet {

@@ -46,9 +46,8 @@ class Tokenizer {
   int32_t eos_id() const;
   int32_t pad_id() const;
 
-  struct Impl;
-
  private:
+  struct Impl;
   explicit Tokenizer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -67,6 +67,9 @@ struct BootstrapOptions {
 // that says what to check (address, port, firewall, variables) when it cannot.
 std::unique_ptr<Communicator> bootstrap(const BootstrapOptions& opt = {});
 
+// A communicator of one rank (no launcher): collectives are identities.
+std::unique_ptr<Communicator> make_single_rank_communicator();
+
 // All ranks compare `fingerprint`; if any differ, every rank throws the same error listing
 // which ranks disagree on `what`.
 void require_same_on_all_ranks(Communicator& comm, const std::string& fingerprint,

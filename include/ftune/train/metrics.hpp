@@ -15,14 +15,17 @@ struct StepReport {
   double elapsed_s = 0;
 };
 
-// Appends one JSON object per line to output_dir/metrics.jsonl (truncated at open).
+// Writes one JSON object per line to output_dir/metrics.jsonl. The file starts with
+// `previous` (the lines a resumed run had logged before its checkpoint), then grows.
 class MetricsLog {
  public:
-  explicit MetricsLog(const std::string& path);
+  explicit MetricsLog(const std::string& path, const std::string& previous = "");
+  const std::string& contents() const { return contents_; }  // everything written
   void log_step(const StepReport& r);
   void log_eval(int64_t step, const std::string& name, double loss, int64_t tokens);
  private:
   std::ofstream out_;
+  std::string contents_;
   void write(const std::string& line);
 };
 

@@ -3,13 +3,21 @@
 // CpuTransformer::forward_backward() -> kernels. Owns data order, gradient accumulation,
 // clipping, the optimizer, logging, evaluation and saving.
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "ftune/config/train_config.hpp"
+#include "ftune/dist/communicator.hpp"
 #include "ftune/model/lora.hpp"
 
 namespace ftune {
+
+// An error that every rank raised together (setup, checkpoint I/O): ranks can exit cleanly
+// instead of aborting the job.
+struct CollectiveError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 struct TrainResult {
   std::vector<double> losses;      // per optimizer step (before its update)
@@ -21,8 +29,11 @@ struct TrainResult {
   double seconds = 0;
 };
 
-// Runs a whole training job as configured (validated first) and writes output_dir.
-// Throws std::runtime_error / ConfigError with a message for the user on bad input.
+// Runs a whole training job as configured (validated first); rank 0 writes output_dir.
+// Throws std::runtime_error / ConfigError with a message for the user on bad input; a
+// failure during setup on any rank is raised on every rank (with the rank named).
+TrainResult run_training(const TrainConfig& cfg, Communicator& comm);
+// A single-rank run (tests, tools).
 TrainResult run_training(const TrainConfig& cfg);
 
 }  // namespace ftune

@@ -1,0 +1,44 @@
+#pragma once
+// train module: data-parallel AdamW with DeepSpeed-style ZeRO stages over the flat LoRA
+// parameter vector.
+//   stage 0: gradients all-reduced; every rank keeps the whole optimizer state.
+//   stage 1: gradients all-reduced; Adam moments and fp32 master weights sharded, each rank
+//            updates its shard, then the parameters are all-gathered.
+//   stage 2: as stage 1, but gradients are reduce-scattered (each rank gets only its shard).
+// Optimizer-state memory per rank is 1/N of stage 0's for stages 1 and 2.
+#include <cstdint>
+#include <span>
+
+#include "ftune/dist/communicator.hpp"
+#include "ftune/train/checkpoint.hpp"
+#include "ftune/train/optimizer.hpp"
+
+namespace ftune {
+
+class ZeroAdamW {
+ public:
+  ZeroAdamW(size_t num_params, int zero_stage, Communicator& comm, const AdamWHyper& hyper);
+
+  // grads: this rank's summed gradient (full length; clobbered). On return `params` (full,
+  // identical on every rank) hold the updated values. Returns the pre-clip global norm.
+  double step(std::span<float> params, std::span<float> grads, double lr, double max_grad_norm);
+
+  ShardRange owned() const { return owned_; }   // the state this rank keeps
+  size_t state_bytes() const;                    // m + v + master held by this rank
+  int stage() const { return stage_; }
+  OptimizerShard export_shard(std::span<const float> params) const;
+  // Restores moments, master weights (into params) and the step from a checkpoint shard
+  // covering owned(); params outside owned() must come from the adapter file.
+  void import_shard(const OptimizerShard& s, std::span<float> params);
+
+ private:
+  Communicator& comm_;
+  int stage_;
+  AdamWHyper hyper_;
+  size_t n_;
+  ShardRange owned_;
+  AdamWState state_;  // moments for owned_
+  std::vector<float> grad_shard_;
+};
+
+}  // namespace ftune

@@ -1,0 +1,81 @@
+#include "ftune/train/zero_optimizer.hpp"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace ftune {
+
+ZeroAdamW::ZeroAdamW(size_t n, int stage, Communicator& comm, const AdamWHyper& hyper)
+    : comm_(comm), stage_(stage), hyper_(hyper), n_(n) {
+  if (stage < 0 || stage > 2) throw std::runtime_error("zero_stage must be 0, 1 or 2 here");
+  owned_ = stage == 0 ? ShardRange{0, n} : shard_range(n, comm.rank(), comm.size());
+  state_.resize(owned_.size());
+  if (stage == 2) grad_shard_.resize(owned_.size());
+}
+
+size_t ZeroAdamW::state_bytes() const {
+  // Adam moments plus the fp32 master copy of the owned range.
+  return 3 * owned_.size() * sizeof(float);
+}
+
+double ZeroAdamW::step(std::span<float> params, std::span<float> grads, double lr,
+                       double max_grad_norm) {
+  if (params.size() != n_ || grads.size() != n_) throw std::runtime_error("ZeroAdamW: size mismatch");
+  const bool multi = comm_.size() > 1;
+  std::span<float> g;  // the gradient of the owned range, summed over ranks
+  double norm = 0;
+  if (stage_ == 2) {
+    if (multi) comm_.reduce_scatter_sum(grads, grad_shard_);
+    else std::copy(grads.begin(), grads.end(), grad_shard_.begin());
+    g = grad_shard_;
+    double ss = 0;
+    for (float x : g) ss += static_cast<double>(x) * x;
+    std::span<double> ss_span(&ss, 1);
+    if (multi) comm_.all_reduce_sum(ss_span);
+    norm = std::sqrt(ss);
+  } else {
+    if (multi) comm_.all_reduce_sum(grads);
+    norm = global_grad_norm(grads);
+    g = grads.subspan(owned_.begin, owned_.size());
+  }
+  // Same coefficient as clip_grad_norm_, applied to the owned range only.
+  if (max_grad_norm > 0) {
+    const double coef = max_grad_norm / (norm + 1e-6);
+    if (coef < 1.0)
+      for (float& x : g) x *= static_cast<float>(coef);
+  }
+  adamw_step(params.subspan(owned_.begin, owned_.size()), g, state_, lr, hyper_);
+  if (stage_ > 0 && multi) {
+    std::vector<float> mine(params.begin() + owned_.begin, params.begin() + owned_.end);
+    comm_.all_gather(mine, params);
+  }
+  return norm;
+}
+
+OptimizerShard ZeroAdamW::export_shard(std::span<const float> params) const {
+  // Stage 0 keeps everything on every rank, but each rank saves only its balanced shard so
+  // the files of a checkpoint always tile the vector once.
+  const ShardRange r = shard_range(n_, comm_.rank(), comm_.size());
+  OptimizerShard s;
+  s.rank = comm_.rank();
+  s.world_size = comm_.size();
+  s.begin = r.begin;
+  s.end = r.end;
+  s.step = state_.step;
+  const size_t off = r.begin - owned_.begin;
+  s.m.assign(state_.m.begin() + off, state_.m.begin() + off + r.size());
+  s.v.assign(state_.v.begin() + off, state_.v.begin() + off + r.size());
+  s.master.assign(params.begin() + r.begin, params.begin() + r.end);
+  return s;
+}
+
+void ZeroAdamW::import_shard(const OptimizerShard& s, std::span<float> params) {
+  if (s.begin != owned_.begin || s.end != owned_.end)
+    throw std::runtime_error("optimizer shard range does not match this rank's");
+  state_.step = s.step;
+  state_.m = s.m;
+  state_.v = s.v;
+  std::copy(s.master.begin(), s.master.end(), params.begin() + owned_.begin);
+}
+
+}  // namespace ftune
