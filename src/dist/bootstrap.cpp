@@ -109,8 +109,17 @@ std::unique_ptr<Communicator> from_env(const EnvLaunch& l, const BootstrapOption
 }  // namespace
 }  // namespace dist
 
-std::unique_ptr<Communicator> bootstrap(const BootstrapOptions& opt) {
+std::unique_ptr<Communicator> bootstrap(const BootstrapOptions& defaults) {
   using namespace dist;
+  // FTUNE_RENDEZVOUS_TIMEOUT / FTUNE_COLLECTIVE_TIMEOUT (seconds) adjust the deadlines, e.g.
+  // a longer rendezvous when nodes boot unevenly, or short ones in tests.
+  BootstrapOptions opt = defaults;
+  if (env("FTUNE_RENDEZVOUS_TIMEOUT"))
+    opt.rendezvous_timeout = std::chrono::seconds(
+        env_int("FTUNE_RENDEZVOUS_TIMEOUT", 1, 86400, "seconds"));
+  if (env("FTUNE_COLLECTIVE_TIMEOUT"))
+    opt.collective_timeout = std::chrono::seconds(
+        env_int("FTUNE_COLLECTIVE_TIMEOUT", 1, 86400, "seconds"));
   // FTUNE_LAUNCHER=mpi|env|single overrides the detection (e.g. when srun sets PMI variables
   // but this MPI library cannot use them, or to run one process inside an allocation).
   const std::string forced = env("FTUNE_LAUNCHER") ? env("FTUNE_LAUNCHER") : "auto";

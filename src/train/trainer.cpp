@@ -224,7 +224,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     std::string fp = "ftune " FTUNE_VERSION "\nmodel " + run.identity.model_fingerprint +
                      "\nlora " + run.identity.lora_fingerprint + "\ndata " +
                      data_fingerprint(run.train) + "\nconfig\n" + train_config_to_toml(cfg);
-    require_same_on_all_ranks(comm, fp, "ftune version, configuration, model and data");
+    try {
+      require_same_on_all_ranks(comm, fp, "ftune version, configuration, model and data");
+    } catch (const std::runtime_error& e) {
+      throw CollectiveError(e.what());  // raised identically on every rank
+    }
   }
 
   // ---- schedule
