@@ -17,7 +17,7 @@
 #include <regex>
 #include <stdexcept>
 
-#include "hdf5_util.hpp"
+#include "ftune/io/hdf5.hpp"
 
 namespace ftune {
 namespace fs = std::filesystem;

@@ -1,5 +1,5 @@
 // RAII HDF5 handles and typed reads/writes for the checkpoint files.
-#include "hdf5_util.hpp"
+#include "ftune/io/hdf5.hpp"
 
 #include <algorithm>
 #include <filesystem>

@@ -1,8 +1,8 @@
 #pragma once
-// Private helpers of the train module: RAII owners for HDF5 handles, one error macro, and
-// the few typed reads/writes the checkpoint files need. HDF5's own error-stack printing is
-// silenced; every failure becomes an h5::Error naming the call, source file and line (the
-// checkpoint code adds the file path it was working on).
+// io module: RAII owners for HDF5 handles, one error macro, and the few typed reads and
+// writes that checkpoints and dataset caches need. HDF5's own error-stack printing is
+// silenced; every failure becomes an h5::Error naming the call, source file and line (callers
+// add the file path they were working on).
 #include <hdf5.h>
 
 #include <cstdint>
