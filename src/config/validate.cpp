@@ -36,8 +36,6 @@ const NotYet kNotYetSupported[] = {
      "full fine-tuning is planned; only LoRA (use_peft = true) is implemented"},
     {"fp16", [](const TrainConfig& c) { return c.fp16; },
      "fp16 mixed precision is planned; use fp16 = false (bf16 is supported)"},
-    {"packing", [](const TrainConfig& c) { return c.packing; },
-     "sequence packing is planned; use packing = false"},
     {"report_to", [](const TrainConfig& c) { return c.report_to != "none"; },
      "only metrics.jsonl (plot it with tools/plot_metrics.py) is written; use report_to = \"none\""},
     {"device", [](const TrainConfig& c) { return c.device == "cuda"; },

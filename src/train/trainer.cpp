@@ -235,7 +235,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   const int gas = cfg.gradient_accumulation_steps;
   const int world = comm.size();
   const int micro_per_step = gas * world;
-  MicroBatchStream stream(run.train, cfg.per_device_train_batch_size, cfg.shuffle, cfg.seed);
+  MicroBatchStream stream(run.train, cfg.per_device_train_batch_size, cfg.shuffle, cfg.seed,
+                          cfg.packing ? cfg.model_max_length : 0);
   int64_t total_steps = cfg.max_steps;
   if (total_steps <= 0) {
     // HF Trainer: update steps per epoch = max(micro-batches per epoch // (gas x ranks), 1).

@@ -17,10 +17,14 @@ struct StreamCursor {
 };
 
 // An endless stream of micro-batches over the epochs; a micro-batch never spans two epochs.
+// A micro-batch holds `sequences_per_micro` sequences. Without packing a sequence is one
+// example; with packing (pack_length > 0) it is a run of consecutive examples (in epoch
+// order) whose lengths add up to at most pack_length. Packed examples stay separate
+// sequences for the model: positions restart and attention never crosses them.
 class MicroBatchStream {
  public:
-  MicroBatchStream(const std::vector<Example>& data, int examples_per_micro, bool shuffle,
-                   int64_t seed);
+  MicroBatchStream(const std::vector<Example>& data, int sequences_per_micro, bool shuffle,
+                   int64_t seed, int64_t pack_length = 0);
   int64_t micro_per_epoch() const;
   double epoch() const { return static_cast<double>(cur_.consumed) / micro_per_epoch(); }
   MicroBatch next();
@@ -28,12 +32,13 @@ class MicroBatchStream {
   void restore(const StreamCursor& c);
 
  private:
+  void start_epoch(int64_t epoch);
   const std::vector<Example>& data_;
   int mbs_;
   bool shuffle_;
-  int64_t seed_;
-  StreamCursor cur_;
-  std::vector<int64_t> order_;
+  int64_t seed_, pack_length_;
+  StreamCursor cur_;                       // pos counts sequences (packs) of the epoch
+  std::vector<std::vector<int64_t>> seqs_; // this epoch's sequences: example indices
 };
 
 }  // namespace ftune
