@@ -122,6 +122,22 @@ TEST_CASE("2 ranks vs 1 rank on the shared llama_tiny reference data") {
   CHECK(d < 1e-5);
 }
 
+TEST_CASE("ranks split the validation set and get the single-rank eval loss") {
+  ftune::TrainConfig c1 = fixture_config(rank_dir("ev1") + "/r" + std::to_string(world().rank()), 2);
+  c1.validation_file_dir = c1.train_file_dir;  // 32 examples: an odd split would show
+  c1.max_eval_samples = 31;
+  c1.per_device_eval_batch_size = 3;
+  const ftune::TrainResult one = ftune::run_training(c1);
+  ftune::TrainConfig c2 = c1;
+  c2.output_dir = rank_dir("ev2");
+  c2.gradient_accumulation_steps = 1;
+  const ftune::TrainResult two = ftune::run_training(c2, world());
+  REQUIRE(one.eval_losses.size() == 1);
+  REQUIRE(two.eval_losses.size() == 1);
+  MESSAGE("eval loss 1 rank " << one.eval_losses[0] << ", 2 ranks " << two.eval_losses[0]);
+  CHECK(std::fabs(one.eval_losses[0] - two.eval_losses[0]) / one.eval_losses[0] < 1e-6);
+}
+
 TEST_CASE("optimizer state per rank falls as 1/N with ZeRO 1 and 2") {
   const size_t n = 1000001;
   ftune::ZeroAdamW s0(n, 0, world(), {}), s1(n, 1, world(), {}), s2(n, 2, world(), {});
