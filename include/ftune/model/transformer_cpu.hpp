@@ -7,31 +7,28 @@
 #include <memory>
 #include <vector>
 
+#include "ftune/model/backend.hpp"
 #include "ftune/model/batch.hpp"
 #include "ftune/model/lora.hpp"
 #include "ftune/model/weights.hpp"
 
 namespace ftune {
 
-struct LossSum {
-  double loss_sum = 0;      // sum of token cross-entropies
-  int64_t num_targets = 0;  // tokens that carried a loss
-};
-
-class CpuTransformer {
+class CpuTransformer final : public TrainBackend {
  public:
   // gradient_checkpointing: keep only each layer's input and recompute the layer's
   // activations during backward (same results, memory of one layer).
   CpuTransformer(const BaseWeights& weights, bool gradient_checkpointing);
-  ~CpuTransformer();
+  ~CpuTransformer() override;
+  std::string name() const override { return "cpu"; }
 
   // Adds to `grads` (same layout as adapter.params) the gradient of
   // loss_scale * (sum of token cross-entropies of mb). Dropout masks derive from
   // dropout_seed, so a step is reproducible.
   LossSum forward_backward(const MicroBatch& mb, const LoraAdapter& adapter, float* grads,
-                           float loss_scale, uint64_t dropout_seed);
+                           float loss_scale, uint64_t dropout_seed) override;
   // Loss only (evaluation: no dropout, no gradients).
-  LossSum forward_loss(const MicroBatch& mb, const LoraAdapter& adapter);
+  LossSum forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) override;
 
  private:
   struct Impl;
