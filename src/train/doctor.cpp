@@ -13,6 +13,9 @@
 #include "ftune/config/parse.hpp"
 #include "ftune/data/pretokenized.hpp"
 #include "ftune/dist/communicator.hpp"
+#if FTUNE_HAVE_NCCL
+#include "ftune/dist/nccl.hpp"  // GPU ranks: NCCL all-reduce and per-rank GPU/driver lines
+#endif
 
 namespace fs = std::filesystem;
 
@@ -85,6 +88,10 @@ int run_doctor(const std::vector<std::string>& args) {
   app.add_option("--train_file_dir", data_dirs, "data directories to check (comma-separated)")->delimiter(',');
   app.add_option("--output_dir", output_dir, "output directory to check for writing");
   app.add_option("--allreduce_mib", mib, "all-reduce size for the bandwidth test")->capture_default_str();
+#if FTUNE_HAVE_NCCL
+  size_t nccl_mib = 1024;
+  app.add_option("--nccl_mib", nccl_mib, "NCCL all-reduce size when GPUs are visible")->capture_default_str();
+#endif
   std::vector<std::string> rev(args.rbegin(), args.rend());
   try {
     app.parse(rev);
@@ -111,6 +118,9 @@ int run_doctor(const std::vector<std::string>& args) {
   std::string gpu = gpu_report(&gpu_ok);
   checks.push_back({gpu_ok, "gpus: " + gpu});
   checks.push_back(allreduce_check(*comm, mib));
+#if FTUNE_HAVE_NCCL
+  for (const NcclDoctorLine& l : nccl_doctor_checks(*comm, nccl_mib)) checks.push_back({l.ok, l.text});
+#endif
   for (const std::string& d : data_dirs) {
     try {
       const auto files = list_data_files({d});

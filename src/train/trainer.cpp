@@ -28,6 +28,14 @@ namespace fs = std::filesystem;
 
 namespace ftune {
 
+std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const BaseWeights& weights,
+                                           const WorldInfo& world) {
+  // The CUDA backend joins here once it is part of the build; until then "auto" is the CPU
+  // and "cuda" is refused by validate_train_config.
+  (void)world;
+  return std::make_unique<CpuTransformer>(weights, cfg.gradient_checkpointing);
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -110,7 +118,7 @@ struct EvalSet {
 };
 
 // Mean token loss over a dataset; ranks split the examples and sum (loss, count).
-std::pair<double, int64_t> evaluate(CpuTransformer& model, const LoraAdapter& a,
+std::pair<double, int64_t> evaluate(TrainBackend& model, const LoraAdapter& a,
                                     const std::vector<Example>& data, int batch,
                                     Communicator& comm) {
   double acc[2] = {0, 0};  // loss sum, token count
@@ -246,7 +254,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   const LrSchedule sched{cfg.lr_scheduler_type, cfg.learning_rate,
                          resolve_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
                          total_steps};
-  CpuTransformer model(run.weights, cfg.gradient_checkpointing);
+  std::unique_ptr<TrainBackend> backend = make_backend(cfg, run.weights, comm.world());
+  TrainBackend& model = *backend;
   std::vector<float> grads(adapter.params.size());
   ZeroAdamW opt(adapter.params.size(), cfg.zero_stage, comm,
                 {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay});
@@ -309,7 +318,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       << "), LoRA r=" << adapter.spec.rank << " alpha=" << adapter.spec.alpha << " on "
       << adapter.slots.size() << " projections (" << adapter.params.size()
       << " trainable parameters)\n"
-      << "[ftune] device cpu, " << omp_get_max_threads() << " threads per rank; "
+      << "[ftune] device " << model.name() << ", " << omp_get_max_threads()
+      << " CPU threads per rank; "
       << run.train.size() << " examples, " << total_steps << " steps of "
       << cfg.per_device_train_batch_size << " x " << gas << " x " << world << " sequences";
     say(s.str());

@@ -3,12 +3,14 @@
 // CpuTransformer::forward_backward() -> kernels. Owns data order, gradient accumulation,
 // clipping, the optimizer, logging, evaluation and saving.
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "ftune/config/train_config.hpp"
 #include "ftune/dist/communicator.hpp"
+#include "ftune/model/backend.hpp"
 #include "ftune/model/lora.hpp"
 
 namespace ftune {
@@ -35,5 +37,9 @@ struct TrainResult {
 TrainResult run_training(const TrainConfig& cfg, Communicator& comm);
 // A single-rank run (tests, tools).
 TrainResult run_training(const TrainConfig& cfg);
+
+// The backend for cfg.device ("auto", "cpu", "cuda") on this rank (GPU = local rank).
+std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const BaseWeights& weights,
+                                           const WorldInfo& world);
 
 }  // namespace ftune
