@@ -75,11 +75,11 @@ TEST_CASE("the embedded default trains, the loss falls and the adapter is writte
   REQUIRE(losses.size() >= 3);
   CHECK(losses.back() < losses.front() - 0.5);  // visibly falling
   CHECK(eval_loss > 0);
-  CHECK(eval_loss < 6.0);  // below the uniform-guess loss ln(512) = 6.24
+  CHECK(eval_loss < losses.front() - 1.0);  // the held-out conversations got easier too
   CHECK(fs::exists(out + "/adapter/adapter_config.json"));
   CHECK(fs::exists(out + "/adapter/adapter_model.safetensors"));
   CHECK(fs::exists(out + "/ftune_config.toml"));
-  CHECK(r.output.find("step 64/64") != std::string::npos);
+  CHECK(r.output.find("step 60/60") != std::string::npos);  // 480 conversations / (4 x 2)
 }
 
 TEST_CASE("resolved config is written and flags override the file") {

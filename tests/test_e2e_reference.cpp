@@ -32,6 +32,7 @@ ftune::TrainConfig config_from_run(const fs::path& dir, const std::string& out) 
   c.init_adapter = (dir / "init_adapter").string();
   c.output_dir = out;
   c.overwrite_output_dir = true;
+  c.validation_split_percentage = 0;  // the reference runs hold nothing out
   c.lora_rank = run["r"];
   c.lora_alpha = run["alpha"];
   c.lora_dropout = run["lora_dropout"];

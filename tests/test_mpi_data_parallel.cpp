@@ -36,6 +36,7 @@ ftune::TrainConfig fixture_config(const std::string& out, int gas,
   c.init_adapter = (dir / "init_adapter").string();
   c.output_dir = out;
   c.overwrite_output_dir = true;
+  c.validation_split_percentage = 0;  // the reference runs hold nothing out
   c.lora_rank = run["r"];
   c.lora_alpha = run["alpha"];
   c.lora_dropout = 0.1;  // dropout masks must follow the global micro-batch, not the rank

@@ -1,5 +1,7 @@
 #include "ftune/data/pretokenized.hpp"
 
+#include "dataset_internal.hpp"  // parse_pretokenized_example, shared with load_dataset
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -44,6 +46,23 @@ static std::vector<int32_t> int_array(const nlohmann::json& j, const char* key,
   return out;
 }
 
+Example parse_pretokenized_example(const nlohmann::json& j, const std::string& where) {
+  Example ex;
+  ex.input_ids = int_array(j.at("input_ids"), "input_ids", where);
+  if (j.contains("labels")) {
+    ex.labels = int_array(j["labels"], "labels", where);
+    if (ex.labels.size() != ex.input_ids.size())
+      throw std::runtime_error(where + ": \"labels\" has " + std::to_string(ex.labels.size()) +
+                               " entries but \"input_ids\" has " + std::to_string(ex.input_ids.size()));
+  } else {
+    ex.labels = ex.input_ids;
+  }
+  if (ex.input_ids.empty()) throw std::runtime_error(where + ": \"input_ids\" is empty");
+  for (int32_t t : ex.input_ids)
+    if (t < 0) throw std::runtime_error(where + ": negative token id " + std::to_string(t));
+  return ex;
+}
+
 std::vector<Example> read_pretokenized(const std::vector<std::string>& dirs,
                                        const PretokenizedOptions& opt) {
   std::vector<Example> out;
@@ -63,19 +82,7 @@ std::vector<Example> read_pretokenized(const std::vector<std::string>& dirs,
       }
       if (!j.is_object() || !j.contains("input_ids"))
         throw std::runtime_error(where + ": expected an object with \"input_ids\" (pre-tokenized data)");
-      Example ex;
-      ex.input_ids = int_array(j["input_ids"], "input_ids", where);
-      if (j.contains("labels")) {
-        ex.labels = int_array(j["labels"], "labels", where);
-        if (ex.labels.size() != ex.input_ids.size())
-          throw std::runtime_error(where + ": \"labels\" has " + std::to_string(ex.labels.size()) +
-                                   " entries but \"input_ids\" has " + std::to_string(ex.input_ids.size()));
-      } else {
-        ex.labels = ex.input_ids;
-      }
-      if (ex.input_ids.empty()) throw std::runtime_error(where + ": \"input_ids\" is empty");
-      for (int32_t t : ex.input_ids)
-        if (t < 0) throw std::runtime_error(where + ": negative token id " + std::to_string(t));
+      Example ex = parse_pretokenized_example(j, where);
       if (opt.max_length > 0 && static_cast<int64_t>(ex.input_ids.size()) > opt.max_length) {
         ex.input_ids.resize(opt.max_length);
         ex.labels.resize(opt.max_length);

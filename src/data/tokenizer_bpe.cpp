@@ -345,11 +345,13 @@ void BpeModel::merge_small(std::vector<Symbol>& syms) const {
     rank[i] = v ? v->rank : kNone;
     merged[i] = v ? v->id : -1;
   };
-  for (int32_t i = 0; i < static_cast<int32_t>(syms.size()); ++i) update(i);
+  const auto n = static_cast<int32_t>(syms.size());
+  for (int32_t i = 0; i < n; ++i) update(i);
   for (;;) {
+    // A flat scan over all positions (removed ones rank kNone) beats walking the list.
     uint32_t best = kNone;
     int32_t at = -1;
-    for (int32_t i = 0; i >= 0; i = syms[i].next)
+    for (int32_t i = 0; i < n; ++i)
       if (rank[i] < best) best = rank[i], at = i;
     if (at < 0) return;
     const int32_t right = syms[at].next;
@@ -357,6 +359,7 @@ void BpeModel::merge_small(std::vector<Symbol>& syms) const {
     syms[at].next = syms[right].next;
     if (syms[right].next >= 0) syms[syms[right].next].prev = at;
     syms[right].id = -1;
+    rank[right] = kNone;
     update(at);
     if (syms[at].prev >= 0) update(syms[at].prev);
   }

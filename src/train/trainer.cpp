@@ -11,10 +11,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "ftune/config/parse.hpp"
-#include "ftune/data/pretokenized.hpp"
+#include "ftune/data/dataset.hpp"
+#include "ftune/data/tokenizer.hpp"
 #include "ftune/io/hf_model.hpp"
 #include "ftune/io/peft.hpp"
 #include "ftune/model/transformer_cpu.hpp"
@@ -145,6 +147,76 @@ struct Run {
   CheckpointIdentity identity;
 };
 
+// The tokenizer for text data: tokenizer_name_or_path, else the model directory; none when
+// neither has a tokenizer.json (pre-tokenized data then still works).
+std::optional<Tokenizer> load_tokenizer(const TrainConfig& cfg, std::string* path) {
+  *path = cfg.tokenizer_name_or_path.empty() ? cfg.model_name_or_path : cfg.tokenizer_name_or_path;
+  if (fs::is_regular_file(*path)) return Tokenizer::from_file(*path);
+  if (fs::exists(fs::path(*path) / "tokenizer.json")) return Tokenizer::from_dir(*path);
+  if (!cfg.tokenizer_name_or_path.empty())
+    throw std::runtime_error("tokenizer_name_or_path '" + *path + "' has no tokenizer.json");
+  return std::nullopt;
+}
+
+std::string describe(const std::string& what, const DatasetStats& s) {
+  std::ostringstream o;
+  o << "[ftune] " << what << ": " << s.examples << " examples from " << s.records << " records, "
+    << s.tokens << " tokens (" << s.label_tokens << " with loss)";
+  if (s.truncated) o << ", " << s.truncated << " truncated";
+  if (s.skipped) o << ", " << s.skipped << " malformed skipped";
+  if (s.no_pairs) o << ", " << s.no_pairs << " without a complete turn";
+  if (s.dropped_no_labels) o << ", " << s.dropped_no_labels << " without labels dropped";
+  o << (s.cache_hit ? " [cache]" : "");
+  return o.str();
+}
+
+// Train and validation sets on every rank. With a cache_dir, rank 0 tokenizes and writes the
+// cache while the others wait, then they read it.
+template <typename Say>
+void load_data(Run& run, Say&& say) {
+  const TrainConfig& cfg = run.cfg;
+  std::optional<Tokenizer> tok;
+  std::string tok_path;
+  on_all_ranks(run.comm, [&] { tok = load_tokenizer(cfg, &tok_path); });
+  auto options = [&](const std::vector<std::string>& dirs, int64_t max_samples) {
+    DatasetOptions o;
+    o.dirs = dirs;
+    o.tokenizer = tok ? &*tok : nullptr;
+    o.tokenizer_path = tok ? tok_path : "";
+    o.template_name = cfg.template_name;
+    o.max_length = cfg.model_max_length;
+    o.train_on_inputs = cfg.train_on_inputs;
+    o.max_samples = max_samples;
+    o.skip_bad_examples = cfg.skip_bad_examples;
+    o.num_workers = cfg.preprocessing_num_workers;
+    o.cache_dir = cfg.cache_dir;
+    o.progress = run.root;
+    return o;
+  };
+  DatasetStats train_stats;
+  std::vector<DatasetStats> eval_stats(cfg.validation_file_dir.size());
+  auto load_all = [&] {
+    run.train = load_dataset(options(cfg.train_file_dir, cfg.max_train_samples), &train_stats);
+    run.evals.clear();
+    for (size_t i = 0; i < cfg.validation_file_dir.size(); ++i) {
+      const std::string& d = cfg.validation_file_dir[i];
+      run.evals.push_back({fs::path(d).filename().string(),
+                           load_dataset(options({d}, cfg.max_eval_samples), &eval_stats[i])});
+    }
+  };
+  const bool staged = !cfg.cache_dir.empty() && run.comm.size() > 1;
+  on_all_ranks(run.comm, [&] { if (run.root || !staged) load_all(); });
+  if (staged) on_all_ranks(run.comm, [&] { if (!run.root) load_all(); });
+  if (cfg.validation_file_dir.empty() && cfg.validation_split_percentage > 0) {
+    // MedicalGPT: without validation files, hold out a percentage of the training set.
+    auto [train, val] = split_validation(std::move(run.train), cfg.validation_split_percentage);
+    run.train = std::move(train);
+    if (!val.empty()) run.evals.push_back({"validation_split", std::move(val)});
+  }
+  say(describe("train data", train_stats));
+  for (size_t i = 0; i < eval_stats.size(); ++i) say(describe("validation " + run.evals[i].name, eval_stats[i]));
+}
+
 void save_checkpoint(Run& run, const LoraAdapter& adapter, const ZeroAdamW& opt,
                      const TrainerState& state) {
   const fs::path out(run.cfg.output_dir);
@@ -212,17 +284,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       adapter.init_peft_default(static_cast<uint64_t>(cfg.seed));
     else
       load_peft_adapter(cfg.init_adapter, adapter);
-    PretokenizedOptions popt;
-    popt.max_length = cfg.model_max_length;
-    popt.max_samples = cfg.max_train_samples;
-    run.train = read_pretokenized(cfg.train_file_dir, popt);
-    if (run.train.empty()) throw std::runtime_error("the training set is empty");
-    for (const std::string& d : cfg.validation_file_dir) {
-      PretokenizedOptions eopt = popt;
-      eopt.max_samples = cfg.max_eval_samples;
-      run.evals.push_back({fs::path(d).filename().string(), read_pretokenized({d}, eopt)});
-    }
   });
+  load_data(run, say);
   run.identity.ftune_version = FTUNE_VERSION;
   run.identity.model_fingerprint = model_fingerprint(run.mc, run.weights);
   run.identity.lora_fingerprint = lora_fingerprint(adapter);
