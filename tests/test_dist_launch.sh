@@ -81,4 +81,17 @@ done
 wait
 grep -q "all checks passed on 2 rank(s)" "$S/docenv0.log" || { cat "$S/docenv0.log"; fail "doctor under env launcher"; }
 echo "ok: doctor passes under mpirun and the env launcher"
+# 6. text data with a cache: rank 0 tokenizes and writes it, the other rank reads it
+CFG=(--config "$SRC/inputs/default.toml" --model_name_or_path "$SRC/inputs/tiny-llama"
+     --tokenizer_name_or_path "$SRC/inputs/tiny-tokenizer" --train_file_dir "$SRC/inputs/data/sharegpt/train"
+     --validation_file_dir "$SRC/inputs/data/sharegpt/validation" --max_steps 2 --eval_steps 0
+     --cache_dir "$S/cache" --output_dir "$S/text")
+(cd "$S" && mpirun --oversubscribe --allow-run-as-root -np 2 "$FTUNE" train "${CFG[@]}") > "$S/text1.log" 2>&1 \
+  || { tail -20 "$S/text1.log"; fail "2-rank text run"; }
+ls "$S"/cache/ftune-data-*.h5 >/dev/null 2>&1 || fail "no dataset cache written"
+grep -q "train data: 480 examples" "$S/text1.log" || fail "train data line"
+(cd "$S" && mpirun --oversubscribe --allow-run-as-root -np 2 "$FTUNE" train "${CFG[@]}") > "$S/text2.log" 2>&1 \
+  || { tail -20 "$S/text2.log"; fail "2-rank text run from the cache"; }
+grep -q "train data: 480 examples.*\[cache\]" "$S/text2.log" || { grep "train data" "$S/text2.log"; fail "second run did not read the cache"; }
+echo "ok: 2-rank text run builds the dataset cache once and reads it after"
 echo "test_dist_launch: all checks passed"
