@@ -15,6 +15,7 @@
 #include "ftune/io/hf_model.hpp"
 #include "ftune/model/weights.hpp"
 #include "ftune/dist/communicator.hpp"
+#include "ftune/train/commands.hpp"
 #include "ftune/train/doctor.hpp"
 #include "ftune/train/trainer.hpp"
 
@@ -29,6 +30,8 @@ commands:
   init-model  write a randomly initialised HF model directory
   tokenize    encode {"text": ...} JSONL lines into {"ids": [...]} with an HF tokenizer
   doctor      check a (multi-rank) setup: rendezvous, GPUs, all-reduce bandwidth, data, output
+  export      merge an adapter into its base model: ftune export --model DIR --adapter DIR --output DIR --merge
+  generate    generate text on the CPU: ftune generate --model DIR [--adapter DIR] --prompt TEXT
 
 launch several ranks with `mpirun -np N ftune train ...`, `srun ftune train ...` or
 tools/torchrun_multi_node_multi_gpu.sh (torchrun's MASTER_ADDR/MASTER_PORT/... variables).
@@ -122,6 +125,8 @@ int main(int argc, char** argv) {
     if (cmd == "init-model") return cmd_init_model(args);
     if (cmd == "tokenize") return ftune::run_tokenize_command(args);
     if (cmd == "doctor") return ftune::run_doctor(args);
+    if (cmd == "export") return ftune::run_export_command(args);
+    if (cmd == "generate") return ftune::run_generate_command(args);
   } catch (const ftune::ConfigError& e) {
     std::cerr << "ftune: configuration error:\n" << e.what() << "\n";
     return 2;

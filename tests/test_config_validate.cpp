@@ -116,7 +116,6 @@ TEST_CASE("accepted but not yet supported: rejected with the key and 'planned'")
       {[](TrainConfig& c) { c.offload_param = "cpu"; }, "offload_param = \"cpu\""},
       {[](TrainConfig& c) { c.use_peft = false; }, "use_peft = false"},
       {[](TrainConfig& c) { c.fp16 = true; }, "fp16 = true"},
-      {[](TrainConfig& c) { c.device = "cuda"; }, "device = \"cuda\""},
   };
   for (const Case& k : cases) {
     CAPTURE(k.expect);

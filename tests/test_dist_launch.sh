@@ -24,7 +24,7 @@ with open(sys.argv[1], "w") as f:
 PY
 ARGS=(--model_name_or_path "$S/model" --train_file_dir "$S/data" --max_steps 5 --logging_steps 1
       --per_device_train_batch_size 2 --gradient_accumulation_steps 2 --learning_rate 0.01
-      --lora_dropout 0.1 --zero_stage 1 --overwrite_output_dir true)
+      --lora_dropout 0.1 --zero_stage 1 --overwrite_output_dir true --device cpu)
 export OMP_NUM_THREADS=1
 
 # 1. mpirun

@@ -37,6 +37,7 @@ ftune::TrainConfig config(const std::string& root, const std::string& out) {
   c.train_file_dir = {root + "/data"};
   c.output_dir = out;
   c.overwrite_output_dir = true;
+  c.device = "cpu";  // exact comparisons: the fp32 reference backend even where a GPU exists
   c.lora_rank = 4;
   c.lora_alpha = 8;
   c.lora_dropout = 0.1;

@@ -38,8 +38,6 @@ const NotYet kNotYetSupported[] = {
      "fp16 mixed precision is planned; use fp16 = false (bf16 is supported)"},
     {"report_to", [](const TrainConfig& c) { return c.report_to != "none"; },
      "only metrics.jsonl (plot it with tools/plot_metrics.py) is written; use report_to = \"none\""},
-    {"device", [](const TrainConfig& c) { return c.device == "cuda"; },
-     "the CUDA backend is planned; use device = \"cpu\" or \"auto\""},
 };
 
 std::string show(const std::string& key, const TrainConfig& c) {

@@ -20,6 +20,10 @@
 #include "ftune/io/hf_model.hpp"
 #include "ftune/io/peft.hpp"
 #include "ftune/model/transformer_cpu.hpp"
+#if FTUNE_HAVE_CUDA
+#include "ftune/kernels/cuda_device.hpp"
+#include "ftune/model/transformer_cuda.hpp"
+#endif
 #include "ftune/train/checkpoint.hpp"
 #include "ftune/train/data_stream.hpp"
 #include "ftune/train/metrics.hpp"
@@ -32,9 +36,19 @@ namespace ftune {
 
 std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const BaseWeights& weights,
                                            const WorldInfo& world) {
-  // The CUDA backend joins here once it is part of the build; until then "auto" is the CPU
-  // and "cuda" is refused by validate_train_config.
-  (void)world;
+#if FTUNE_HAVE_CUDA
+  const int gpus = cuda::cuda_device_count();
+  if (cfg.device == "cuda" && gpus == 0)
+    throw std::runtime_error("device = \"cuda\" but no GPU is visible on " + world.host +
+                             " (check the driver and CUDA_VISIBLE_DEVICES)");
+  if (cfg.device == "cuda" || (cfg.device == "auto" && gpus > 0))
+    return make_cuda_backend(weights, cfg.gradient_checkpointing, cfg.flash_attn,
+                             world.local_rank % gpus);  // GPU = local rank
+#else
+  if (cfg.device == "cuda")
+    throw std::runtime_error("device = \"cuda\": this ftune was built without the CUDA backend "
+                             "(nvcc was not found when CMake configured it)");
+#endif
   return std::make_unique<CpuTransformer>(weights, cfg.gradient_checkpointing);
 }
 

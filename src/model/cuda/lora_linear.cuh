@@ -1,0 +1,44 @@
+#pragma once
+// One projection with its LoRA pair on the device, PEFT semantics:
+//   y = x W^T + b + scale * (dropout(x) A^T) B^T
+// W, b frozen bf16; A, B bf16 copies of the fp32 adapter; LoRA gradients accumulate in an
+// fp32 buffer laid out like adapter.params. The same steps as CpuTransformer's
+// linear_forward / linear_backward, in the same order.
+#include <cstdint>
+
+#include "ftune/kernels/cuda_device.hpp"
+#include "ftune/kernels/cuda_gemm.hpp"
+#include "ftune/model/lora.hpp"
+
+namespace ftune::cuda::model {
+
+// The adapter as the device sees it during one micro-batch.
+struct LoraCtx {
+  const LoraAdapter* adapter = nullptr;  // host: slots, spec
+  const bf16* params = nullptr;          // bf16 copy of adapter->params
+  float* grads = nullptr;                // fp32, adapter layout (null: forward only)
+  double dropout = 0;
+  uint64_t seed = 0;
+};
+
+// One projection of one layer, plus the scratch it may use.
+struct LinearOp {
+  Gemm& gemm;
+  stream_t stream;
+  int64_t N;              // tokens
+  int64_t in, out;
+  const bf16* W;          // [out, in]
+  const bf16* b;          // [out] or null
+  const LoraSlot* slot;   // null: no LoRA on this projection
+  uint64_t dropout_seed;  // per (seed, layer, proj), as the CPU derives it
+  bf16* xd;               // scratch [N, max(in)] for dropout(x) / the LoRA input gradient
+  bf16* du;               // scratch [N, r]
+};
+
+// y = ...; keeps u = dropout(x) A^T [N, r] for backward.
+void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u);
+// dx (+)= dy W + the LoRA path's input gradient; dA, dB added into lc.grads.
+void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,
+                     const bf16* dy, const bf16* x, const bf16* u);
+
+}  // namespace ftune::cuda::model

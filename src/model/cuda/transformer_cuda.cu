@@ -1,0 +1,363 @@
+// CUDA training backend: one micro-step from tokens to LoRA gradients on one GPU, step for
+// step the CPU reference (src/model/transformer_cpu.cpp), in bf16 with fp32 accumulation.
+// Reading order: forward_backward() -> layer_forward() / layer_backward() / head() ->
+// lora_linear.cu -> kernels in src/kernels/cuda/. Everything runs on one stream; the host
+// waits once per micro-batch (loss rows and LoRA gradients come back together).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../../kernels/cuda/common.cuh"
+#include "device_weights.cuh"
+#include "ftune/kernels/cuda_attention.hpp"
+#include "ftune/kernels/cuda_gemm.hpp"
+#include "ftune/kernels/cuda_ops.hpp"
+#include "ftune/model/transformer_cpu.hpp"  // rope_inv_freq (host code, ftune_model)
+#include "ftune/model/transformer_cuda.hpp"
+#include "lora_linear.cuh"
+#include "model_kernels.cuh"
+#include "workspace.cuh"
+
+namespace ftune {
+
+namespace {
+namespace cu = ftune::cuda;
+namespace cm = ftune::cuda::model;
+using cu::bf16;
+
+// Must equal transformer_cpu.cpp's mix_seed: dropout masks are keyed by
+// mix_seed(seed, layer * 7 + proj), so both backends drop the same elements.
+uint64_t mix_seed(uint64_t a, uint64_t b) {
+  uint64_t z = a * 0x9E3779B97F4A7C15ull + b + 0x632BE59BD9B4E019ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Logits of one head chunk stay under this many bytes (bf16, chunk x vocab).
+constexpr int64_t kLogitsBytes = int64_t(256) << 20;
+
+int select_device(int device) {
+  if (device < 0 || device >= cu::cuda_device_count())
+    throw std::invalid_argument("CudaTransformer: no CUDA device " + std::to_string(device));
+  cu::set_device(device);
+  return device;
+}
+
+}  // namespace
+
+struct CudaTransformer::Impl {
+  int device;
+  ModelConfig c;
+  bool checkpointing, flash;
+  cu::Stream stream;
+  cu::Gemm gemm;
+  cm::DeviceWeights w;
+  std::vector<double> inv_freq;
+  cu::DeviceBuffer rope_cos, rope_sin;  // fp32 [positions, head_dim/2]
+  int64_t rope_positions = 0;
+  cu::DeviceBuffer arena, p32, p16, g32;  // activations; adapter fp32 / bf16; LoRA grads
+  cm::Buffers b{};
+  cm::Dims dims;
+  int64_t max_seqlen = 0;
+  std::vector<float> host_grads, host_loss;
+  size_t peak = 0;
+  std::string dev_name;
+
+  Impl(const BaseWeights& weights, bool ckpt, bool flash_attn, int dev)
+      : device(select_device(dev)),
+        c(weights.cfg),
+        checkpointing(ckpt),
+        flash(flash_attn && (weights.cfg.head_dim == 64 || weights.cfg.head_dim == 128)),
+        w(weights, stream.get()),
+        inv_freq(rope_inv_freq(weights.cfg)) {
+    cudaDeviceProp prop{};
+    FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
+    note_memory();
+  }
+
+  // Bytes this backend holds now; cuBLASLt's workspace counted at its fixed size.
+  void note_memory() {
+    const size_t now = w.bytes() + rope_cos.bytes() + rope_sin.bytes() + arena.bytes() +
+                       p32.bytes() + p16.bytes() + g32.bytes() + cu::Gemm::kDefaultWorkspace;
+    peak = std::max(peak, now);
+  }
+
+  static void grow(cu::DeviceBuffer& buf, size_t bytes) {
+    if (buf.bytes() >= bytes) return;
+    buf = cu::DeviceBuffer();  // free first: never hold old and new at once
+    buf = cu::DeviceBuffer(bytes);
+  }
+
+  void ensure_rope(int64_t positions) {
+    if (positions <= rope_positions) return;
+    const int64_t half = c.head_dim / 2;
+    std::vector<float> cs(positions * half), sn(positions * half);
+    for (int64_t p = 0; p < positions; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        // As the CPU backend (and HF): the angle is formed in fp32, cos/sin in double.
+        const float angle = static_cast<float>(inv_freq[i]) * static_cast<float>(p);
+        cs[p * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+        sn[p * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+      }
+    rope_cos = cu::to_device(cs);
+    rope_sin = cu::to_device(sn);
+    rope_positions = positions;
+  }
+
+  cu::AttentionShape attn_shape() const {
+    return cu::AttentionShape{dims.N, dims.S, max_seqlen, static_cast<int>(c.num_attention_heads),
+                              static_cast<int>(c.num_key_value_heads),
+                              static_cast<int>(c.head_dim)};
+  }
+
+  // Validates ids, sizes the arena, uploads the batch and the adapter.
+  void prepare(const MicroBatch& mb, const LoraAdapter& a) {
+    const int64_t N = mb.num_tokens(), V = c.vocab_size;
+    std::vector<int32_t> rows, targets;
+    for (int64_t n = 0; n < N; ++n) {
+      const int32_t t = mb.tokens[n];
+      if (t < 0 || t >= V)
+        throw std::runtime_error("token id " + std::to_string(t) +
+                                 " is outside the vocabulary (" + std::to_string(V) + ")");
+      if (mb.targets[n] < 0) continue;
+      if (mb.targets[n] >= V)
+        throw std::runtime_error("label id " + std::to_string(mb.targets[n]) +
+                                 " is outside the vocabulary (" + std::to_string(V) + ")");
+      rows.push_back(static_cast<int32_t>(n));
+      targets.push_back(mb.targets[n]);
+    }
+    dims.N = N;
+    dims.S = mb.num_seqs();
+    dims.R = static_cast<int64_t>(rows.size());
+    dims.chunk = std::clamp<int64_t>(kLogitsBytes / (2 * V), 1, std::max<int64_t>(dims.R, 1));
+    dims.rank = a.spec.rank;
+    max_seqlen = 0;
+    for (int64_t s = 0; s < dims.S; ++s)
+      max_seqlen = std::max(max_seqlen, mb.seq_start[s + 1] - mb.seq_start[s]);
+    dims.attn_ws = flash ? cu::flash_attention_backward_workspace(attn_shape()) : 0;
+    ensure_rope(mb.max_position() + 1);
+
+    cm::Carver measure(nullptr);
+    cm::carve(measure, b, c, dims, checkpointing);
+    grow(arena, measure.used());
+    cm::Carver real(arena.as<char>());
+    cm::carve(real, b, c, dims, checkpointing);
+
+    const size_t np = a.params.size();
+    grow(p32, np * sizeof(float));
+    grow(p16, np * sizeof(bf16));
+    grow(g32, np * sizeof(float));
+    note_memory();
+
+    const cu::stream_t s = stream.get();
+    cm::h2d(b.tokens, mb.tokens.data(), N * sizeof(int32_t), s);
+    cm::h2d(b.positions, mb.positions.data(), N * sizeof(int32_t), s);
+    cm::h2d(b.seq_start, mb.seq_start.data(), (dims.S + 1) * sizeof(int64_t), s);
+    cm::h2d(b.rows, rows.data(), dims.R * sizeof(int32_t), s);
+    cm::h2d(b.row_targets, targets.data(), dims.R * sizeof(int32_t), s);
+    // Known cost of this first version: the fp32 adapter crosses PCIe every micro-batch.
+    cm::h2d(p32.get(), a.params.data(), np * sizeof(float), s);
+    cm::f32_to_bf16(p16.as<bf16>(), p32.as<float>(), static_cast<int64_t>(np), s);
+  }
+
+  cm::LinearOp op(int layer, Proj p, const cm::LoraCtx& lc) {
+    const int pi = static_cast<int>(p);
+    const uint64_t seed = mix_seed(lc.seed, static_cast<uint64_t>(layer) * kNumProj + pi);
+    return cm::LinearOp{gemm, stream.get(), dims.N, proj_in_features(c, p),
+                        proj_out_features(c, p), w.layers[layer].w[pi], w.layers[layer].b[pi],
+                        lc.adapter->slot(layer, p), seed, b.xd, b.du};
+  }
+  void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x) {
+    cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)]);
+  }
+  void lin_bwd(int l, Proj p, const cm::LoraCtx& lc, bf16* dx, bool acc, const bf16* dy,
+               const bf16* x) {
+    cm::linear_backward(op(l, p, lc), lc, dx, acc, dy, x, acts_for(l).u[static_cast<int>(p)]);
+  }
+
+  cm::LayerActs& acts_for(int layer) { return b.acts[checkpointing ? 0 : layer]; }
+
+  void layer_forward(int l, const cm::LoraCtx& lc) {
+    const cm::DeviceLayer& L = w.layers[l];
+    cm::LayerActs& A = acts_for(l);
+    const cu::stream_t s = stream.get();
+    const bf16* x = b.resid[l];
+    const int64_t N = dims.N, H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
+    const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+
+    cu::rms_norm_forward(A.xn1, A.rstd1, x, L.input_norm, N, H, eps, s);
+    // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k.
+    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1);
+    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1);
+    lin_fwd(l, Proj::v, lc, A.v, A.xn1);
+    if (c.qk_norm) {
+      cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
+      cu::rms_norm_forward(A.k, A.rstd_k, A.k_pre, L.k_norm, N * Hkv, d, eps, s);
+    }
+    const float* cs = rope_cos.as<float>();
+    const float* sn = rope_sin.as<float>();
+    cu::rope_forward(A.q, cs, sn, b.positions, N, Hq, d, s);
+    cu::rope_forward(A.k, cs, sn, b.positions, N, Hkv, d, s);
+    const cu::AttentionShape sh = attn_shape();
+    if (flash)
+      cu::flash_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
+    else
+      cu::naive_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
+    lin_fwd(l, Proj::o, lc, b.tmp_h, A.att);
+    cu::residual_add(A.x_mid, x, b.tmp_h, N * H, s);
+
+    cu::rms_norm_forward(A.xn2, A.rstd2, A.x_mid, L.post_norm, N, H, eps, s);
+    lin_fwd(l, Proj::gate, lc, A.gate, A.xn2);
+    lin_fwd(l, Proj::up, lc, A.up, A.xn2);
+    cu::swiglu_forward(A.h, A.gate, A.up, N * I, s);
+    lin_fwd(l, Proj::down, lc, b.tmp_h, A.h);
+    cu::residual_add(b.resid[l + 1], A.x_mid, b.tmp_h, N * H, s);
+  }
+
+  // On entry b.dx = dLoss/d(layer output); on exit dLoss/d(layer input). The residual
+  // gradient is accumulated in b.dx in place (the CPU's dmid copy is not needed).
+  void layer_backward(int l, const cm::LoraCtx& lc) {
+    const cm::DeviceLayer& L = w.layers[l];
+    cm::LayerActs& A = acts_for(l);
+    const cu::stream_t s = stream.get();
+    const int64_t N = dims.N, H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
+    const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+
+    // MLP: x_out = x_mid + down(swiglu(gate(xn2), up(xn2)))
+    lin_bwd(l, Proj::down, lc, b.dh, false, b.dx, A.h);
+    cu::swiglu_backward(b.dgate, b.dup, b.dh, A.gate, A.up, N * I, s);
+    lin_bwd(l, Proj::gate, lc, b.dxn, false, b.dgate, A.xn2);
+    lin_bwd(l, Proj::up, lc, b.dxn, true, b.dup, A.xn2);
+    cu::rms_norm_backward(b.dx, b.dxn, A.x_mid, L.post_norm, A.rstd2, N, H, true, s);
+
+    // Attention: x_mid = x + o(attn(rope(q), rope(k), v))
+    lin_bwd(l, Proj::o, lc, b.datt, false, b.dx, A.att);
+    const cu::AttentionShape sh = attn_shape();
+    if (flash)
+      cu::flash_attention_backward(b.dq, b.dk, b.dv, b.datt, A.att, A.lse, A.q, A.k, A.v,
+                                   b.seq_start, sh, b.attn_ws, s);
+    else
+      cu::naive_attention_backward(b.dq, b.dk, b.dv, b.datt, A.att, A.lse, A.q, A.k, A.v,
+                                   b.seq_start, sh, s);
+    const float* cs = rope_cos.as<float>();
+    const float* sn = rope_sin.as<float>();
+    cu::rope_backward(b.dq, cs, sn, b.positions, N, Hq, d, s);
+    cu::rope_backward(b.dk, cs, sn, b.positions, N, Hkv, d, s);
+    const bf16 *dq = b.dq, *dk = b.dk;
+    if (c.qk_norm) {
+      cu::rms_norm_backward(b.dq_pre, b.dq, A.q_pre, L.q_norm, A.rstd_q, N * Hq, d, false, s);
+      cu::rms_norm_backward(b.dk_pre, b.dk, A.k_pre, L.k_norm, A.rstd_k, N * Hkv, d, false, s);
+      dq = b.dq_pre;
+      dk = b.dk_pre;
+    }
+    lin_bwd(l, Proj::q, lc, b.dxn, false, dq, A.xn1);
+    lin_bwd(l, Proj::k, lc, b.dxn, true, dk, A.xn1);
+    lin_bwd(l, Proj::v, lc, b.dxn, true, b.dv, A.xn1);
+    cu::rms_norm_backward(b.dx, b.dxn, b.resid[l], L.input_norm, A.rstd1, N, H, true, s);
+  }
+
+  // Final norm, lm_head and cross-entropy over the rows that carry a label, in chunks
+  // (gathered into a dense [chunk, H] block, so full logits [N, V] never exist). Row
+  // losses land in b.row_loss; with want_grad, b.dx = dLoss/d(last residual).
+  void head(bool want_grad, float loss_scale) {
+    const cu::stream_t s = stream.get();
+    const int64_t N = dims.N, H = c.hidden_size, V = c.vocab_size, R = dims.R;
+    const bf16* xl = b.resid[c.num_hidden_layers];
+    cu::rms_norm_forward(b.xf, b.rstd_f, xl, w.final_norm, N, H,
+                         static_cast<float>(c.rms_norm_eps), s);
+    if (want_grad) cm::memset0(b.dxf, N * H * sizeof(bf16), s);
+    for (int64_t r0 = 0; r0 < R; r0 += dims.chunk) {
+      const int64_t m = std::min(dims.chunk, R - r0);
+      // Gather: embedding lookup with the normed rows as the table and row ids as tokens.
+      cu::embedding_forward(b.xc, b.xf, b.rows + r0, m, H, N, s);
+      gemm.matmul(cu::GemmOp::NT, b.logits, b.xc, w.lm_head, m, V, H, 1.f, 0.f, s);
+      cu::cross_entropy_forward_backward(b.logits, b.row_loss + r0, b.logits,
+                                         b.row_targets + r0, m, V, loss_scale, s);
+      if (!want_grad) continue;
+      gemm.matmul(cu::GemmOp::NN, b.dxc, b.logits, w.lm_head, m, H, V, 1.f, 0.f, s);
+      cm::scatter_rows(b.dxf, b.dxc, b.rows + r0, m, H, s);
+    }
+    if (want_grad)
+      cu::rms_norm_backward(b.dx, b.dxf, xl, w.final_norm, b.rstd_f, N, H, false, s);
+  }
+
+  // Waits for the stream; returns the loss (summed in double on the host, in row order).
+  LossSum finish_loss() {
+    host_loss.resize(dims.R);
+    cm::d2h(host_loss.data(), b.row_loss, dims.R * sizeof(float), stream.get());
+    cm::stream_sync(stream.get());
+    LossSum out;
+    out.num_targets = dims.R;
+    for (float v : host_loss) out.loss_sum += v;
+    return out;
+  }
+
+  void embed() {
+    cu::embedding_forward(b.resid[0], w.embed, b.tokens, dims.N, c.hidden_size, c.vocab_size,
+                          stream.get());
+  }
+};
+
+CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing,
+                                 bool flash_attn, int device)
+    : impl_(std::make_unique<Impl>(weights, gradient_checkpointing, flash_attn, device)) {}
+CudaTransformer::~CudaTransformer() = default;
+
+std::string CudaTransformer::name() const { return impl_->dev_name; }
+bool CudaTransformer::uses_flash() const { return impl_->flash; }
+size_t CudaTransformer::peak_bytes() const { return impl_->peak; }
+
+LossSum CudaTransformer::forward_backward(const MicroBatch& mb, const LoraAdapter& adapter,
+                                          float* grads, float loss_scale,
+                                          uint64_t dropout_seed) {
+  Impl& m = *impl_;
+  if (mb.num_tokens() == 0) return {};
+  cm::use_device(m.device);
+  m.prepare(mb, adapter);
+  const size_t np = adapter.params.size();
+  cm::memset0(m.g32.get(), np * sizeof(float), m.stream.get());
+  const cm::LoraCtx lc{&adapter, m.p16.as<bf16>(), m.g32.as<float>(), adapter.spec.dropout,
+                       dropout_seed};
+  const int L = static_cast<int>(m.c.num_hidden_layers);
+  m.embed();
+  for (int l = 0; l < L; ++l) m.layer_forward(l, lc);
+  m.head(true, loss_scale);
+  for (int l = L - 1; l >= 0; --l) {
+    // Under checkpointing the shared activations hold the last layer run: recompute.
+    if (m.checkpointing && l != L - 1) m.layer_forward(l, lc);
+    m.layer_backward(l, lc);
+  }
+  // Known cost of this first version: gradients come back to the host every micro-batch.
+  m.host_grads.resize(np);
+  cm::d2h(m.host_grads.data(), m.g32.get(), np * sizeof(float), m.stream.get());
+  const LossSum out = m.finish_loss();  // synchronizes the stream
+  for (size_t i = 0; i < np; ++i) grads[i] += m.host_grads[i];
+  return out;
+}
+
+LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) {
+  Impl& m = *impl_;
+  if (mb.num_tokens() == 0) return {};
+  cm::use_device(m.device);
+  m.prepare(mb, adapter);
+  const cm::LoraCtx lc{&adapter, m.p16.as<bf16>(), nullptr, 0.0, 0};
+  m.embed();
+  for (int l = 0; l < static_cast<int>(m.c.num_hidden_layers); ++l) m.layer_forward(l, lc);
+  m.head(false, 1.f);
+  return m.finish_loss();
+}
+
+std::unique_ptr<TrainBackend> make_cuda_backend(const BaseWeights& weights,
+                                                bool gradient_checkpointing, bool flash_attn,
+                                                int device) {
+  return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device);
+}
+
+}  // namespace ftune

@@ -1,0 +1,119 @@
+#pragma once
+// Per-micro-batch device buffers of the CUDA transformer, carved out of one arena. carve()
+// runs twice per micro-batch: with a null base to measure, then over the real allocation
+// (which only grows), so a new batch shape costs no cudaMalloc unless it is the largest yet.
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "ftune/kernels/cuda_device.hpp"
+#include "ftune/model/model_config.hpp"
+#include "ftune/model/weights.hpp"
+
+namespace ftune::cuda::model {
+
+// Bump allocator over [base, ...): 256-byte aligned pieces (flash attention and the 16-byte
+// vector paths of the row kernels need >= 16). A null base only measures.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <typename T>
+  T* take(int64_t n) {
+    off_ = (off_ + 255) / 256 * 256;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + off_) : nullptr;
+    off_ += static_cast<size_t>(n) * sizeof(T);
+    return p;
+  }
+  size_t used() const { return off_; }
+
+ private:
+  char* base_;
+  size_t off_ = 0;
+};
+
+// Activations one layer keeps for its backward (one set per layer, or one shared set under
+// gradient checkpointing). q/k/v are after q/k-norm and RoPE; q_pre/k_pre before (qwen3).
+struct LayerActs {
+  bf16 *xn1, *q, *k, *v, *q_pre, *k_pre, *att, *x_mid, *xn2, *gate, *up, *h;
+  float *rstd1, *rstd_q, *rstd_k, *lse, *rstd2;
+  std::array<bf16*, kNumProj> u;  // dropout(x) A^T per projection, [N, r]
+};
+
+struct Dims {
+  int64_t N = 0;      // tokens
+  int64_t S = 0;      // sequences
+  int64_t R = 0;      // rows that carry a label
+  int64_t chunk = 0;  // head rows per logits chunk
+  int64_t rank = 0;
+  size_t attn_ws = 0; // flash backward workspace bytes
+};
+
+struct Buffers {
+  std::vector<bf16*> resid;     // [L + 1] residual stream entering each layer, + final
+  std::vector<LayerActs> acts;  // L, or 1 under checkpointing
+  bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *dgate, *dup, *dh, *xd, *du;
+  bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
+  float *rstd_f, *row_loss;
+  int32_t *tokens, *positions, *rows, *row_targets;
+  int64_t* seq_start;
+  void* attn_ws;
+};
+
+inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, bool ckpt) {
+  const int64_t N = d.N, H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(),
+                kvd = c.kv_dim(), Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  const int64_t L = c.num_hidden_layers, widest = std::max({H, I, qd});
+  b.resid.resize(L + 1);
+  for (auto& r : b.resid) r = cv.take<bf16>(N * H);
+  b.acts.resize(ckpt ? 1 : L);
+  for (LayerActs& a : b.acts) {
+    a.xn1 = cv.take<bf16>(N * H);
+    a.rstd1 = cv.take<float>(N);
+    a.q = cv.take<bf16>(N * qd);
+    a.k = cv.take<bf16>(N * kvd);
+    a.v = cv.take<bf16>(N * kvd);
+    a.q_pre = c.qk_norm ? cv.take<bf16>(N * qd) : nullptr;
+    a.k_pre = c.qk_norm ? cv.take<bf16>(N * kvd) : nullptr;
+    a.rstd_q = c.qk_norm ? cv.take<float>(N * Hq) : nullptr;
+    a.rstd_k = c.qk_norm ? cv.take<float>(N * Hkv) : nullptr;
+    a.att = cv.take<bf16>(N * qd);
+    a.lse = cv.take<float>(N * Hq);
+    a.x_mid = cv.take<bf16>(N * H);
+    a.xn2 = cv.take<bf16>(N * H);
+    a.rstd2 = cv.take<float>(N);
+    a.gate = cv.take<bf16>(N * I);
+    a.up = cv.take<bf16>(N * I);
+    a.h = cv.take<bf16>(N * I);
+    for (auto& u : a.u) u = cv.take<bf16>(N * d.rank);
+  }
+  b.tmp_h = cv.take<bf16>(N * H);
+  b.dx = cv.take<bf16>(N * H);
+  b.dxn = cv.take<bf16>(N * H);
+  b.datt = cv.take<bf16>(N * qd);
+  b.dq = cv.take<bf16>(N * qd);
+  b.dk = cv.take<bf16>(N * kvd);
+  b.dv = cv.take<bf16>(N * kvd);
+  b.dq_pre = c.qk_norm ? cv.take<bf16>(N * qd) : nullptr;
+  b.dk_pre = c.qk_norm ? cv.take<bf16>(N * kvd) : nullptr;
+  b.dgate = cv.take<bf16>(N * I);
+  b.dup = cv.take<bf16>(N * I);
+  b.dh = cv.take<bf16>(N * I);
+  b.xd = cv.take<bf16>(N * widest);
+  b.du = cv.take<bf16>(N * d.rank);
+  b.xf = cv.take<bf16>(N * H);
+  b.dxf = cv.take<bf16>(N * H);
+  b.xc = cv.take<bf16>(d.chunk * H);
+  b.logits = cv.take<bf16>(d.chunk * c.vocab_size);
+  b.dxc = cv.take<bf16>(d.chunk * H);
+  b.rstd_f = cv.take<float>(N);
+  b.row_loss = cv.take<float>(d.R);
+  b.tokens = cv.take<int32_t>(N);
+  b.positions = cv.take<int32_t>(N);
+  b.rows = cv.take<int32_t>(d.R);
+  b.row_targets = cv.take<int32_t>(d.R);
+  b.seq_start = cv.take<int64_t>(d.S + 1);
+  b.attn_ws = d.attn_ws ? cv.take<char>(static_cast<int64_t>(d.attn_ws)) : nullptr;
+}
+
+}  // namespace ftune::cuda::model
