@@ -11,6 +11,7 @@
 #include "ftune/io/safetensors.hpp"
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/train/trainer.hpp"
+#include "reference_run.hpp"
 #include "test_util.hpp"
 
 namespace fs = std::filesystem;
@@ -31,29 +32,9 @@ nlohmann::json read_json(const fs::path& p) {
 // changes sign under bf16 noise moves the other way (first H200 run: up to 8.9e-2 of a tensor's
 // largest entry); those are bounded at 0.15.
 void check_on_gpu(const fs::path& dir, const std::string& name) {
-  const auto run = read_json(dir / "run.json");
-  ftune::TrainConfig c;
-  c.model_name_or_path = (dir / "model").string();
-  c.train_file_dir = {(dir / "data").string()};
-  c.init_adapter = (dir / "init_adapter").string();
-  c.output_dir = ftune::test::scratch("cuda_train_" + name);
-  c.overwrite_output_dir = true;
-  c.validation_split_percentage = 0;
+  ftune::TrainConfig c =
+      ftune::test::reference_run_config(dir, ftune::test::scratch("cuda_train_" + name));
   c.device = "cuda";
-  c.lora_rank = run["r"];
-  c.lora_alpha = run["alpha"];
-  c.lora_dropout = run["lora_dropout"];
-  c.use_rslora = run.value("use_rslora", false);
-  c.target_modules = run["target_modules"].get<std::vector<std::string>>();
-  c.per_device_train_batch_size = run["mbs"];
-  c.gradient_accumulation_steps = run["gas"];
-  c.max_steps = run["steps"];
-  c.learning_rate = run["lr"];
-  c.weight_decay = run["wd"];
-  c.max_grad_norm = run["clip"];
-  c.shuffle = run["shuffle"];
-  c.lr_scheduler_type = run["lr_scheduler_type"];
-  c.warmup_steps = run["warmup_steps"];
   const ftune::TrainResult r = ftune::run_training(c);
   const auto want = read_json(dir / "expected/losses.json").get<std::vector<double>>();
   REQUIRE(r.losses.size() == want.size());

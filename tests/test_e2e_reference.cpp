@@ -11,6 +11,7 @@
 #include "ftune/config/train_config.hpp"
 #include "ftune/io/safetensors.hpp"
 #include "ftune/train/trainer.hpp"
+#include "reference_run.hpp"
 #include "test_util.hpp"
 
 namespace fs = std::filesystem;
@@ -18,40 +19,10 @@ using nlohmann::json;
 
 namespace {
 
-json read_json(const fs::path& p) {
-  std::ifstream f(p);
-  REQUIRE_MESSAGE(f.good(), "cannot open " << p);
-  return json::parse(f);
-}
+json read_json(const fs::path& p) { return ftune::test::read_json_file(p); }
 
 ftune::TrainConfig config_from_run(const fs::path& dir, const std::string& out) {
-  const json run = read_json(dir / "run.json");
-  ftune::TrainConfig c;
-  c.model_name_or_path = (dir / "model").string();
-  c.train_file_dir = {(dir / "data").string()};
-  c.init_adapter = (dir / "init_adapter").string();
-  c.output_dir = out;
-  c.overwrite_output_dir = true;
-  c.device = "cpu";  // exact comparisons: the fp32 reference backend even where a GPU exists
-  c.validation_split_percentage = 0;  // the reference runs hold nothing out
-  c.lora_rank = run["r"];
-  c.lora_alpha = run["alpha"];
-  c.lora_dropout = run["lora_dropout"];
-  c.use_rslora = run.value("use_rslora", false);
-  c.target_modules = run["target_modules"].get<std::vector<std::string>>();
-  c.per_device_train_batch_size = run["mbs"];
-  c.gradient_accumulation_steps = run["gas"];
-  c.max_steps = run["steps"];
-  c.learning_rate = run["lr"];
-  c.weight_decay = run["wd"];
-  c.max_grad_norm = run["clip"];
-  c.seed = run["seed"];
-  c.shuffle = run["shuffle"];
-  c.lr_scheduler_type = run["lr_scheduler_type"];
-  c.warmup_steps = run["warmup_steps"];
-  c.adam_beta1 = run["adam_beta1"];
-  c.adam_beta2 = run["adam_beta2"];
-  c.adam_epsilon = run["adam_epsilon"];
+  ftune::TrainConfig c = ftune::test::reference_run_config(dir, out);
   c.bf16 = false;  // the CPU backend is fp32 either way; say so explicitly
   return c;
 }

@@ -12,6 +12,7 @@
 #include "ftune/io/safetensors.hpp"
 #include "ftune/train/trainer.hpp"
 #include "ftune/train/zero_optimizer.hpp"
+#include "reference_run.hpp"
 #include "test_util.hpp"
 
 namespace fs = std::filesystem;
@@ -28,29 +29,10 @@ ftune::Communicator& world() {
 ftune::TrainConfig fixture_config(const std::string& out, int gas,
                                   fs::path dir = fs::path(ftune::test::source_dir()) /
                                                  "tests/fixtures/qwen2_tiny") {
-  std::ifstream f(dir / "run.json");
-  const auto run = nlohmann::json::parse(f);
-  ftune::TrainConfig c;
-  c.model_name_or_path = (dir / "model").string();
-  c.train_file_dir = {(dir / "data").string()};
-  c.init_adapter = (dir / "init_adapter").string();
-  c.output_dir = out;
-  c.overwrite_output_dir = true;
-  c.device = "cpu";  // exact comparisons: the fp32 reference backend even where a GPU exists
-  c.validation_split_percentage = 0;  // the reference runs hold nothing out
-  c.lora_rank = run["r"];
-  c.lora_alpha = run["alpha"];
+  ftune::TrainConfig c = ftune::test::reference_run_config(dir, out);
   c.lora_dropout = 0.1;  // dropout masks must follow the global micro-batch, not the rank
-  c.target_modules = run["target_modules"].get<std::vector<std::string>>();
-  c.per_device_train_batch_size = run["mbs"];
   c.gradient_accumulation_steps = gas;
-  c.max_steps = run["steps"];
-  c.learning_rate = run["lr"];
-  c.weight_decay = run["wd"];
-  c.max_grad_norm = run["clip"];
   c.shuffle = true;
-  c.lr_scheduler_type = run["lr_scheduler_type"];
-  c.warmup_steps = run["warmup_steps"];
   c.logging_steps = 1;
   return c;
 }
