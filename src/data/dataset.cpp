@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <thread>
+#include <unistd.h>
 
 #include "dataset_internal.hpp"
 #include "ftune/data/pretokenized.hpp"  // list_data_files
@@ -101,9 +102,11 @@ void parallel_for(size_t n, int threads, Fn fn) {
 
 class Progress {
  public:
-  Progress(bool on, uint64_t total) : on_(on), total_(std::max<uint64_t>(total, 1)) {}
+  Progress(bool on, uint64_t total)
+      : on_(on), tty_(isatty(STDERR_FILENO)), total_(std::max<uint64_t>(total, 1)) {}
   void update(uint64_t done, size_t examples, bool final = false) {
-    if (!on_) return;
+    // Redrawn in place on a terminal; in logs (batch jobs) only the final line.
+    if (!on_ || (!tty_ && !final)) return;
     const auto now = std::chrono::steady_clock::now();
     if (!final && now - last_ < std::chrono::milliseconds(200)) return;
     last_ = now;
@@ -114,7 +117,7 @@ class Progress {
   }
 
  private:
-  bool on_;
+  bool on_, tty_;
   uint64_t total_;
   std::chrono::steady_clock::time_point last_{};
 };

@@ -34,9 +34,12 @@ void matmul_nt(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T 
   }
 }
 
+// C[M,N] (+)= alpha * sum_k A(m,k) B[k,:], where A(m,k) = A[m * sm + k * sk]: row-by-row
+// axpy over contiguous rows of B, shared by the "nn" (sm = K, sk = 1) and "tn" (sm = 1, sk = M)
+// products.
 template <typename T>
-void matmul_nn(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T alpha,
-               bool accumulate) {
+static void matmul_rows_of_b(T* C, const T* A, int64_t sm, int64_t sk, const T* B, int64_t M,
+                             int64_t N, int64_t K, T alpha, bool accumulate) {
 #pragma omp parallel
   {
     std::vector<T> row(N);
@@ -44,7 +47,7 @@ void matmul_nn(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T 
     for (int64_t m = 0; m < M; ++m) {
       std::fill(row.begin(), row.end(), T(0));
       for (int64_t k = 0; k < K; ++k) {
-        const T a = A[m * K + k];
+        const T a = A[m * sm + k * sk];
         const T* b = B + k * N;
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) row[n] += a * b[n];
@@ -56,24 +59,15 @@ void matmul_nn(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T 
 }
 
 template <typename T>
+void matmul_nn(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T alpha,
+               bool accumulate) {
+  matmul_rows_of_b(C, A, K, 1, B, M, N, K, alpha, accumulate);
+}
+
+template <typename T>
 void matmul_tn(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, T alpha,
                bool accumulate) {
-#pragma omp parallel
-  {
-    std::vector<T> row(N);
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-      std::fill(row.begin(), row.end(), T(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = A[k * M + m];
-        const T* b = B + k * N;
-#pragma omp simd
-        for (int64_t n = 0; n < N; ++n) row[n] += a * b[n];
-      }
-      T* c = C + m * N;
-      for (int64_t n = 0; n < N; ++n) c[n] = accumulate ? c[n] + alpha * row[n] : alpha * row[n];
-    }
-  }
+  matmul_rows_of_b(C, A, 1, M, B, M, N, K, alpha, accumulate);
 }
 
 // ---------------------------------------------------------------- RMSNorm
