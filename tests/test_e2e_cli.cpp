@@ -145,6 +145,25 @@ TEST_CASE("bad inputs fail with a message naming the file, line or key") {
     CHECK(r.exit_code != 0);
     CHECK(r.output.find("gpt2") != std::string::npos);
   }
+  SUBCASE("a sliding window shorter than model_max_length is refused, a longer one accepted") {
+    const RunResult m = run_ftune("init-model --output '" + dir + "/mistral' --model_type mistral "
+                                  "--hidden_size 32 --num_hidden_layers 1 --vocab_size 64 "
+                                  "--intermediate_size 48 --num_attention_heads 2 --num_key_value_heads 1 "
+                                  "--max_position_embeddings 256");
+    REQUIRE_MESSAGE(m.exit_code == 0, m.output);
+    // Mistral-7B-v0.1 style window of 64 tokens.
+    std::ifstream in(dir + "/mistral/config.json");
+    nlohmann::json j = nlohmann::json::parse(in);
+    j["sliding_window"] = 64;
+    write_file(dir + "/mistral/config.json", j.dump());
+    const std::string f = common_flags(dir + "/mistral", dir + "/data", dir + "/out_m");
+    const RunResult bad = run_ftune("train " + f + " --model_max_length 128");
+    CHECK(bad.exit_code != 0);
+    CHECK(bad.output.find("sliding_window") != std::string::npos);
+    CHECK(bad.output.find("model_max_length <= 64") != std::string::npos);
+    const RunResult ok = run_ftune("train " + f + " --model_max_length 64");
+    CHECK_MESSAGE(ok.exit_code == 0, ok.output);
+  }
   SUBCASE("not-yet-supported parameters are refused, not ignored") {
     const RunResult r = run_ftune("train " + flags + " --load_in_8bit true");
     CHECK(r.exit_code != 0);

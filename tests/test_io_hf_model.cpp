@@ -148,12 +148,11 @@ TEST_CASE("qwen2, qwen3 and mistral specifics") {
   CHECK_FALSE(c.qk_norm);
   CHECK(c.tie_word_embeddings);
 
-  q2["use_sliding_window"] = true;
-  std::string e = parse_error("io_hf_qwen2_swa", q2);
-  CHECK(e.find("use_sliding_window") != std::string::npos);
-  CHECK(e.find("config.json") != std::string::npos);
+  CHECK(c.sliding_window == -1);
+  q2["use_sliding_window"] = true;  // a window that bites is recorded for the trainer's check
+  CHECK(parse("io_hf_qwen2_swa", q2).sliding_window == 32);
   q2["max_window_layers"] = 2;  // no layer at or past max_window_layers: window unused
-  CHECK_NOTHROW(parse("io_hf_qwen2_swa_unused", q2));
+  CHECK(parse("io_hf_qwen2_swa_unused", q2).sliding_window == -1);
   q2["use_sliding_window"] = false;
   q2["layer_types"] = {"full_attention", "sliding_attention"};
   CHECK(parse_error("io_hf_qwen2_layer_types", q2).find("layer_types") != std::string::npos);
@@ -177,10 +176,13 @@ TEST_CASE("qwen2, qwen3 and mistral specifics") {
   m["attention_bias"] = true;  // MistralAttention has no biases
   c = parse("io_hf_mistral", m);
   CHECK_FALSE(c.attention_bias);
+  CHECK(c.sliding_window == -1);
   m["sliding_window"] = 4096;  // >= max_position_embeddings (128): never restricts attention
-  CHECK_NOTHROW(parse("io_hf_mistral_big_window", m));
-  m["sliding_window"] = 64;
-  CHECK(parse_error("io_hf_mistral_swa", m).find("sliding_window") != std::string::npos);
+  CHECK(parse("io_hf_mistral_big_window", m).sliding_window == -1);
+  m["sliding_window"] = 64;  // Mistral-7B-v0.1 style: recorded, written back by save_hf_model
+  c = parse("io_hf_mistral_swa", m);
+  CHECK(c.sliding_window == 64);
+  CHECK(json::parse(model_config_to_json(c))["sliding_window"] == 64);
 }
 
 TEST_CASE("unsupported or incomplete configs are refused with the key named") {

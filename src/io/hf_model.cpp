@@ -197,20 +197,16 @@ ModelConfig load_model_config(const std::string& dir) {
   const std::string act = v.opt_str("hidden_act", "silu");
   if (act != "silu" && act != "swish") v.bad("hidden_act", "'" + act + "' is not supported (only silu)");
 
-  // Sliding-window attention is not implemented. Reject a config only where transformers
-  // would actually restrict attention, so the usual configs that carry an inert window pass:
-  // - mistral: sliding_window non-null and below max_position_embeddings (v0.2+ use null;
-  //   v0.1's 4096 is refused although sequences <= 4096 would be unaffected);
-  // - qwen2/qwen3: use_sliding_window true with a window below max_position_embeddings and
-  //   some layer at or past max_window_layers, or any layer_types entry "sliding_attention".
+  // Sliding-window attention is not implemented as a mask. Where transformers would apply a
+  // window (mistral: sliding_window below max_position_embeddings, e.g. v0.1's 4096; qwen2/3:
+  // use_sliding_window with some layer at or past max_window_layers) the window is recorded and
+  // the trainer requires model_max_length <= window, where the window masks nothing.
   const int64_t window = v.opt_int("sliding_window", -1);
   const bool window_bites = window >= 0 && window < c.max_position_embeddings;
-  if (c.model_type == "mistral" && window_bites)
-    v.bad("sliding_window", "= " + std::to_string(window) +
-                                " (< max_position_embeddings): sliding-window attention is not supported");
+  if (c.model_type == "mistral" && window_bites) c.sliding_window = window;
   if (is_qwen && v.opt_bool("use_sliding_window", false) && window_bites &&
       v.opt_int("max_window_layers", 0) < c.num_hidden_layers)
-    v.bad("use_sliding_window", "= true: sliding-window attention is not supported");
+    c.sliding_window = window;
   if (v.has("layer_types")) {
     if (!j.at("layer_types").is_array()) v.bad("layer_types", "must be a list");
     for (const auto& t : j.at("layer_types"))
@@ -267,7 +263,8 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["mlp_bias"] = false;
     j["pretraining_tp"] = 1;
   } else if (c.model_type == "mistral") {
-    j["sliding_window"] = nullptr;  // MistralConfig defaults to 4096 when absent
+    // MistralConfig defaults to 4096 when absent: write null unless the model has a window.
+    j["sliding_window"] = c.sliding_window > 0 ? nlohmann::json(c.sliding_window) : nlohmann::json();
   } else {  // qwen2, qwen3
     if (c.model_type == "qwen3") j["attention_bias"] = c.attention_bias;
     j["use_sliding_window"] = false;

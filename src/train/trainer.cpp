@@ -286,6 +286,12 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                                "' already holds an adapter; set overwrite_output_dir = true, "
                                "resume_from_checkpoint, or choose another output_dir");
     run.mc = load_model_config(cfg.model_name_or_path);
+    if (run.mc.sliding_window > 0 && cfg.model_max_length > run.mc.sliding_window)
+      throw std::runtime_error(
+          "model_max_length = " + std::to_string(cfg.model_max_length) + " exceeds the model's " +
+          "sliding_window (" + std::to_string(run.mc.sliding_window) + ", " +
+          cfg.model_name_or_path + "/config.json): sliding-window attention is not implemented; "
+          "set model_max_length <= " + std::to_string(run.mc.sliding_window));
     run.weights = load_base_weights(cfg.model_name_or_path, run.mc);
     LoraSpec spec;
     spec.rank = cfg.lora_rank;

@@ -30,6 +30,10 @@ struct ModelConfig {
   bool attention_bias = false;   // q/k/v biases (qwen2 always; llama when set)
   bool qk_norm = false;          // per-head RMSNorm on q and k before RoPE (qwen3)
   int64_t bos_token_id = -1, eos_token_id = -1, pad_token_id = -1;
+  // Mistral-style sliding-window attention (-1 = none). Not implemented as a mask: it changes
+  // nothing while sequences are no longer than the window, so the trainer requires
+  // model_max_length <= sliding_window.
+  int64_t sliding_window = -1;
   RopeConfig rope;
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
