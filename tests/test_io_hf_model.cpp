@@ -19,14 +19,7 @@ using nlohmann::json;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using ftune::test::error_of;
 
 // A small config in the older (transformers 4) style; tests edit it per case.
 json base_config(const std::string& type) {

@@ -18,15 +18,7 @@ using nlohmann::json;
 
 namespace {
 
-// The message of the exception f throws ("" when it does not throw).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using ftune::test::error_of;
 
 // Writes a safetensors file byte by byte: header JSON as given (no padding) + raw data.
 void write_raw(const std::string& path, const std::string& header, const std::string& data) {

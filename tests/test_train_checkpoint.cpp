@@ -20,28 +20,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+ModelConfig tiny_model() { return ftune::test::llama_tiny_config(); }
 
-ModelConfig tiny_model() {
-  ModelConfig m;
-  m.model_type = "llama";
-  m.vocab_size = 384;
-  m.hidden_size = 64;
-  m.intermediate_size = 160;
-  m.num_hidden_layers = 2;
-  m.num_attention_heads = 4;
-  m.num_key_value_heads = 2;
-  m.head_dim = 16;
-  m.max_position_embeddings = 256;
-  return m;
-}
+using ftune::test::error_of;
 
 LoraAdapter make_adapter(int rank, double alpha, std::vector<std::string> targets) {
   LoraSpec s;

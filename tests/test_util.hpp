@@ -1,8 +1,12 @@
 #pragma once
 // Helpers shared by tests: paths to the source tree, ../shared and a scratch dir.
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <string>
+
+#include "ftune/model/model_config.hpp"
 
 namespace ftune::test {
 inline std::string source_dir() { return FTUNE_SOURCE_DIR; }
@@ -18,5 +22,30 @@ inline std::string scratch(const std::string& name) {
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p.string();
+}
+// The message of the exception f throws ("" when it does not throw).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The shape of ../shared's llama_tiny: hidden 64, inter 160, heads 4 / kv 2, head_dim 16,
+// 2 layers, vocab 384.
+inline ModelConfig llama_tiny_config() {
+  ModelConfig m;
+  m.model_type = "llama";
+  m.vocab_size = 384;
+  m.hidden_size = 64;
+  m.intermediate_size = 160;
+  m.num_hidden_layers = 2;
+  m.num_attention_heads = 4;
+  m.num_key_value_heads = 2;
+  m.head_dim = 16;
+  m.max_position_embeddings = 256;
+  return m;
 }
 }  // namespace ftune::test
