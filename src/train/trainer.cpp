@@ -253,9 +253,15 @@ void save_checkpoint(Run& run, const LoraAdapter& adapter, const ZeroAdamW& opt,
   });
   on_all_ranks(run.comm, [&] {
     if (!run.root) return;
-    // A resumed run may save a step that an earlier run also saved: the new one replaces it.
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    // A resumed run may save a step that an earlier run also saved: the new one replaces it,
+    // and the old one is moved aside (not deleted) until the new one is complete.
+    const fs::path old = out / (name + ".old");
+    if (fs::exists(final_dir)) {
+      fs::remove_all(old);
+      fs::rename(final_dir, old);
+    }
     finalize_checkpoint(tmp.string(), final_dir.string());
+    fs::remove_all(old);
     prune_checkpoints(run.cfg.output_dir, run.cfg.save_total_limit);
   });
 }
