@@ -32,6 +32,7 @@ void MetricsLog::log_step(const StepReport& r) {
   j["tokens"] = r.tokens;
   j["tokens_per_s"] = r.tokens_per_s;
   j["elapsed_s"] = r.elapsed_s;
+  if (r.peak_gpu_mem_gib >= 0) j["peak_gpu_mem_gib"] = r.peak_gpu_mem_gib;
   write(j.dump());
 }
 

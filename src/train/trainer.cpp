@@ -1,4 +1,5 @@
-// The training loop: data-parallel over the ranks of `comm`, on the CPU reference backend.
+// The training loop: data-parallel over the ranks of `comm`, on either backend (the step
+// runner keeps the adapter and optimizer where the backend computes: see step_runner.hpp).
 // One optimizer step = gradient_accumulation_steps x world_size micro-batches of the global
 // stream; rank r runs micro-batches r, r + N, ... of it, so N ranks compute the same step as
 // one rank with N times the accumulation.
@@ -28,7 +29,7 @@
 #include "ftune/train/data_stream.hpp"
 #include "ftune/train/metrics.hpp"
 #include "ftune/train/schedule.hpp"
-#include "ftune/train/zero_optimizer.hpp"
+#include "ftune/train/step_runner.hpp"
 
 namespace fs = std::filesystem;
 
@@ -134,15 +135,14 @@ struct EvalSet {
 };
 
 // Mean token loss over a dataset; ranks split the examples and sum (loss, count).
-std::pair<double, int64_t> evaluate(TrainBackend& model, const LoraAdapter& a,
-                                    const std::vector<Example>& data, int batch,
-                                    Communicator& comm) {
+std::pair<double, int64_t> evaluate(StepRunner& model, const std::vector<Example>& data,
+                                    int batch, Communicator& comm) {
   double acc[2] = {0, 0};  // loss sum, token count
   std::vector<const Example*> mine;
   for (size_t i = comm.rank(); i < data.size(); i += comm.size()) mine.push_back(&data[i]);
   for (size_t i = 0; i < mine.size(); i += batch) {
     std::vector<const Example*> ex(mine.begin() + i, mine.begin() + std::min(mine.size(), i + batch));
-    LossSum ls = model.forward_loss(make_micro_batch(ex), a);
+    LossSum ls = model.evaluate(make_micro_batch(ex));
     acc[0] += ls.loss_sum;
     acc[1] += static_cast<double>(ls.num_targets);
   }
@@ -231,8 +231,10 @@ void load_data(Run& run, Say&& say) {
   for (size_t i = 0; i < eval_stats.size(); ++i) say(describe("validation " + run.evals[i].name, eval_stats[i]));
 }
 
-void save_checkpoint(Run& run, const LoraAdapter& adapter, const ZeroAdamW& opt,
+// Collective. Brings the current parameters to the host adapter first.
+void save_checkpoint(Run& run, LoraAdapter& adapter, StepRunner& opt,
                      const TrainerState& state) {
+  opt.params_to_host(adapter);
   const fs::path out(run.cfg.output_dir);
   const std::string name = checkpoint_dir_name(state.step);
   const fs::path tmp = out / (name + ".tmp"), final_dir = out / name;
@@ -344,10 +346,12 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                          resolve_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
                          total_steps};
   std::unique_ptr<TrainBackend> backend = make_backend(cfg, run.weights, comm.world());
-  TrainBackend& model = *backend;
-  std::vector<float> grads(adapter.params.size());
-  ZeroAdamW opt(adapter.params.size(), cfg.zero_stage, comm,
-                {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay});
+  std::unique_ptr<StepRunner> runner;
+  on_all_ranks(comm, [&] {
+    runner = make_step_runner(*backend, adapter, cfg.zero_stage, comm,
+                              {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay});
+  });
+  StepRunner& opt = *runner;
 
   // ---- resume
   int64_t start_step = 0;
@@ -364,8 +368,15 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       }
       read_adapter_h5((fs::path(dir) / "adapter.h5").string(), adapter, run.identity);
       const ShardRange own = opt.owned();
-      opt.import_shard(read_optimizer_resharded(dir, own.begin, own.end, run.identity),
-                       adapter.params);
+      // The shards' master weights are the adapter's fp32 values (both are written from the
+      // same vector), so adapter.h5 supplies the whole vector and the shards must agree.
+      std::vector<float> masters = adapter.params;
+      opt.import_shard(read_optimizer_resharded(dir, own.begin, own.end, run.identity), masters);
+      if (!std::equal(masters.begin() + own.begin, masters.begin() + own.end,
+                      adapter.params.begin() + own.begin))
+        throw std::runtime_error("checkpoint '" + dir + "': the optimizer shards' master "
+                                 "weights differ from adapter.h5 (files from different saves?)");
+      opt.params_from_host(adapter);
       const TrainerState st = read_trainer_state_h5((fs::path(dir) / "trainer_state.h5").string());
       if (st.seed != static_cast<uint64_t>(cfg.seed))
         throw std::runtime_error("checkpoint '" + dir + "' was made with seed " +
@@ -377,12 +388,6 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       result.tokens = st.tokens;
       metrics_so_far = st.metrics_jsonl;
     });
-    // With stage 1/2 each rank restored its own shard of the master weights: gather them.
-    if (opt.stage() > 0 && world > 1) {
-      const ShardRange own = opt.owned();
-      std::vector<float> mine(adapter.params.begin() + own.begin, adapter.params.begin() + own.end);
-      comm.all_gather(mine, adapter.params);
-    }
     say("[ftune] resumed from " + dir + " at step " + std::to_string(start_step));
   }
 
@@ -400,14 +405,14 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   {
     std::ostringstream s;
     s << "[ftune] world: " << world << (world == 1 ? " rank" : " ranks") << " (launcher "
-      << comm.world().launcher << "), zero_stage " << cfg.zero_stage << ", optimizer state "
-      << opt.state_bytes() << " bytes per rank\n"
+      << comm.world().launcher << "), zero_stage " << cfg.zero_stage << ", " << opt.describe()
+      << ", optimizer state " << opt.state_bytes() << " bytes per rank\n"
       << "[ftune] model " << run.mc.model_type << " (" << run.mc.num_hidden_layers
       << " layers, hidden " << run.mc.hidden_size << ", vocab " << run.mc.vocab_size
       << "), LoRA r=" << adapter.spec.rank << " alpha=" << adapter.spec.alpha << " on "
       << adapter.slots.size() << " projections (" << adapter.params.size()
       << " trainable parameters)\n"
-      << "[ftune] device " << model.name() << ", " << omp_get_max_threads()
+      << "[ftune] device " << backend->name() << ", " << omp_get_max_threads()
       << " CPU threads per rank; "
       << run.train.size() << " examples, " << total_steps << " steps of "
       << cfg.per_device_train_batch_size << " x " << gas << " x " << world << " sequences";
@@ -417,7 +422,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   auto run_eval = [&](int64_t step) {
     result.eval_losses.clear();
     for (const EvalSet& e : run.evals) {
-      auto [loss, n] = evaluate(model, adapter, e.examples, cfg.per_device_eval_batch_size, comm);
+      auto [loss, n] = evaluate(opt, e.examples, cfg.per_device_eval_batch_size, comm);
       if (metrics) metrics->log_eval(step, run.evals.size() > 1 ? "eval_" + e.name : "eval", loss, n);
       result.eval_losses.push_back(loss);
       std::ostringstream s;
@@ -442,6 +447,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   };
 
   // ---- the loop
+  const bool gpu_backend = backend->name().rfind("cuda", 0) == 0;
+  (void)gpu_backend;
   double window_loss = 0;
   int64_t window_steps = 0, window_tokens = 0;
   auto window_start = Clock::now();
@@ -456,13 +463,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       targets += micro.back().num_targets();
       step_tokens += micro.back().num_tokens();
     }
-    std::fill(grads.begin(), grads.end(), 0.0f);
     double loss_sum = 0;
     if (targets > 0)
       for (int i = comm.rank(); i < micro_per_step; i += world)
-        loss_sum += model.forward_backward(micro[i], adapter, grads.data(),
-                                           1.0f / static_cast<float>(targets),
-                                           micro_seed(cfg.seed, first_micro + i)).loss_sum;
+        loss_sum += opt.accumulate(micro[i], 1.0f / static_cast<float>(targets),
+                                   micro_seed(cfg.seed, first_micro + i)).loss_sum;
     if (world > 1) comm.all_reduce_sum(std::span<double>(&loss_sum, 1));
     const double lr = sched.at(step);
     double loss = NAN, norm = 0;
@@ -470,7 +475,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       say("[ftune] warning: step " + std::to_string(step + 1) + " has no label tokens; no update");
     } else {
       loss = loss_sum / static_cast<double>(targets);
-      norm = opt.step(adapter.params, grads, lr, cfg.max_grad_norm);
+      norm = opt.step(lr, cfg.max_grad_norm);
     }
     result.losses.push_back(loss);
     result.grad_norms.push_back(norm);
@@ -495,6 +500,12 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       r.tokens = result.tokens;
       r.tokens_per_s = window_s > 0 ? window_tokens / window_s : 0;
       r.elapsed_s = seconds_since(t_start);
+#if FTUNE_HAVE_CUDA
+      if (gpu_backend) {
+        r.peak_gpu_mem_gib = static_cast<double>(cuda::device_bytes_peak()) / (1ull << 30);
+        cuda::reset_device_bytes_peak();
+      }
+#endif
       if (metrics) metrics->log_step(r);
       if (run.root) progress.update(r);
       window_loss = 0;
@@ -512,6 +523,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   if (!run.evals.empty()) run_eval(total_steps);
 
   // ---- final outputs: a checkpoint (resumable) and the PEFT adapter.
+  opt.params_to_host(adapter);
   if (start_step < total_steps) save_checkpoint(run, adapter, opt, trainer_state(total_steps));
   const std::string adapter_dir = (fs::path(cfg.output_dir) / "adapter").string();
   on_all_ranks(comm, [&] {

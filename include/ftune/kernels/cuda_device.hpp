@@ -88,6 +88,13 @@ class Event {
   event_t e_ = nullptr;
 };
 
+// Bytes held by the live DeviceBuffers of this process (every device), and the most held at
+// once since the last reset: ftune's twins of torch.cuda.memory_allocated and
+// max_memory_allocated (the CUDA context and cuBLASLt's handle state are not included).
+size_t device_bytes_in_use();
+size_t device_bytes_peak();
+void reset_device_bytes_peak();  // peak := bytes in use now
+
 // Owns one cudaMalloc'd allocation (256-byte aligned). upload/download/zero are for setup
 // and tests: they synchronize the whole device first (every stream), then copy.
 class DeviceBuffer {

@@ -53,4 +53,13 @@ void clip_scale(float* scale, float* norm, const float* sumsq, double max_norm,
 // grads *= *scale (for callers that want clipped grads materialised).
 void scale_inplace(float* x, int64_t n, const float* scale, stream_t stream);
 
+// dst[i] = bf16(src[i]), round to nearest even (the adapter's bf16 copy after an update).
+void to_bf16(bf16* dst, const float* src, int64_t n, stream_t stream);
+// x[0, n) = 0 on `stream` (the gradient accumulator after a step).
+void zero_async(float* x, int64_t n, stream_t stream);
+// Copies on `stream`; the host side must stay valid until the stream is synchronized.
+void copy_to_device_async(void* dst, const void* src, size_t bytes, stream_t stream);
+void copy_to_host_async(void* dst, const void* src, size_t bytes, stream_t stream);
+void synchronize(stream_t stream);
+
 }  // namespace ftune::cuda

@@ -6,14 +6,17 @@
 //   - activations bf16, every product and row op accumulating in fp32, one rounding per
 //     output; RMSNorm statistics, attention lse and the loss in fp32;
 //   - LoRA A/B enter the products as bf16 copies; their gradients accumulate in fp32.
-// First version, interface-bound: each forward_backward uploads the adapter's fp32 params
-// and downloads the LoRA gradients (host round trip of 2x params per micro-batch). That
-// cost goes away once the optimizer runs on the GPU.
+// Two ways in: the TrainBackend interface (host adapter in, host gradients out: a PCIe round
+// trip of the adapter per micro-batch, kept for tests and evaluation of host adapters), and
+// the *_on_device pair the trainer uses, where the adapter's bf16 copy and the fp32
+// gradient accumulator already live on this GPU (src/train/cuda_step.cpp keeps them there
+// with the optimizer) and only the per-row losses come back.
 // Plain C++ header (no CUDA includes); implemented in src/model/cuda/*.cu.
 #include <cstddef>
 #include <memory>
 #include <string>
 
+#include "ftune/kernels/cuda_device.hpp"
 #include "ftune/model/backend.hpp"
 #include "ftune/model/weights.hpp"
 
@@ -35,6 +38,19 @@ class CudaTransformer final : public TrainBackend {
   LossSum forward_backward(const MicroBatch& mb, const LoraAdapter& adapter, float* grads,
                            float loss_scale, uint64_t dropout_seed) override;
   LossSum forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) override;
+
+  // Device-resident variants. params16: bf16 copy of the adapter's parameters on this GPU,
+  // in `layout`'s order (layout.params is not read); grads32 (fp32, same order) is added
+  // to, not overwritten, so micro-batches accumulate. Work runs on stream(); the call
+  // returns after that stream synchronized (the loss is known), so the accumulator is
+  // complete on return.
+  LossSum forward_backward_on_device(const MicroBatch& mb, const LoraAdapter& layout,
+                                     const cuda::bf16* params16, float* grads32,
+                                     float loss_scale, uint64_t dropout_seed);
+  LossSum forward_loss_on_device(const MicroBatch& mb, const LoraAdapter& layout,
+                                 const cuda::bf16* params16);
+  int device() const;
+  cuda::stream_t stream() const;
 
   bool uses_flash() const;
   // Most device memory this backend has held at once (weights, adapter copies, activation

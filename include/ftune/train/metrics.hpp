@@ -13,6 +13,7 @@ struct StepReport {
   int64_t tokens = 0;          // input tokens processed since the start
   double tokens_per_s = 0;     // over the logging window
   double elapsed_s = 0;
+  double peak_gpu_mem_gib = -1;  // most device memory ftune held during the window; < 0: no GPU
 };
 
 // Writes one JSON object per line to output_dir/metrics.jsonl. The file starts with

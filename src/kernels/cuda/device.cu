@@ -92,15 +92,39 @@ float Event::elapsed_ms_since(const Event& start) const {
 }
 
 // ---------------------------------------------------------------- DeviceBuffer
+namespace {
+std::atomic<size_t> g_in_use{0}, g_peak{0};
+void count_alloc(size_t bytes) {
+  const size_t now = g_in_use.fetch_add(bytes) + bytes;
+  size_t peak = g_peak.load();
+  while (now > peak && !g_peak.compare_exchange_weak(peak, now)) {
+  }
+}
+void count_free(size_t bytes) { g_in_use.fetch_sub(bytes); }
+}  // namespace
+
+size_t device_bytes_in_use() { return g_in_use.load(); }
+size_t device_bytes_peak() { return g_peak.load(); }
+void reset_device_bytes_peak() { g_peak.store(g_in_use.load()); }
+
 DeviceBuffer::DeviceBuffer(size_t bytes) : bytes_(bytes) {
-  if (bytes) FTUNE_CUDA_CHECK(cudaMalloc(&p_, bytes));
+  if (bytes) {
+    FTUNE_CUDA_CHECK(cudaMalloc(&p_, bytes));
+    count_alloc(bytes);
+  }
 }
 DeviceBuffer::~DeviceBuffer() {
-  if (p_) FTUNE_CUDA_WARN(cudaFree(p_));
+  if (p_) {
+    FTUNE_CUDA_WARN(cudaFree(p_));
+    count_free(bytes_);
+  }
 }
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   if (this != &o) {
-    if (p_) FTUNE_CUDA_WARN(cudaFree(p_));
+    if (p_) {
+      FTUNE_CUDA_WARN(cudaFree(p_));
+      count_free(bytes_);
+    }
     p_ = std::exchange(o.p_, nullptr);
     bytes_ = std::exchange(o.bytes_, 0);
   }

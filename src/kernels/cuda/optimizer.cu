@@ -71,7 +71,34 @@ __global__ void scale_kernel(float* x, int64_t n, const float* scale) {
     x[i] = __fmul_rn(x[i], s);
 }
 
+__global__ void to_bf16_kernel(__nv_bfloat16* dst, const float* src, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = __float2bfloat16_rn(src[i]);
+}
+
 }  // namespace
+
+void to_bf16(bf16* dst, const float* src, int64_t n, stream_t stream) {
+  if (n <= 0) return;
+  to_bf16_kernel<<<grid_for(n, 256, 8192), 256, 0, stream>>>(
+      reinterpret_cast<__nv_bfloat16*>(dst), src, n);
+  FTUNE_CUDA_LAUNCH_CHECK();
+}
+
+void zero_async(float* x, int64_t n, stream_t stream) {
+  if (n > 0) FTUNE_CUDA_CHECK(cudaMemsetAsync(x, 0, static_cast<size_t>(n) * sizeof(float), stream));
+}
+
+void copy_to_device_async(void* dst, const void* src, size_t bytes, stream_t stream) {
+  if (bytes) FTUNE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+}
+
+void copy_to_host_async(void* dst, const void* src, size_t bytes, stream_t stream) {
+  if (bytes) FTUNE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+}
+
+void synchronize(stream_t stream) { FTUNE_CUDA_CHECK(cudaStreamSynchronize(stream)); }
 
 void adamw_step(float* params, const float* grads, float* m, float* v, int64_t n,
                 const AdamWScalars& s, const float* grad_scale, stream_t stream) {

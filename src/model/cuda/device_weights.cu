@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "device_weights.cuh"
+#include "ftune/kernels/cuda_optim.hpp"
 #include "model_kernels.cuh"
 
 namespace ftune::cuda::model {
@@ -58,7 +59,7 @@ DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream) {
     for (int64_t i = 0; i < j.n; i += stage_n) {
       const int64_t m = std::min(stage_n, j.n - i);
       h2d(stage.get(), j.src + i, m * sizeof(float), stream);
-      f32_to_bf16(dst + i, stage.as<float>(), m, stream);
+      cuda::to_bf16(dst + i, stage.as<float>(), m, stream);
     }
     *j.dst = dst;
     off += align256(j.n * sizeof(bf16));

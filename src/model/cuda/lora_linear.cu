@@ -7,16 +7,21 @@
 namespace ftune::cuda::model {
 
 void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u) {
-  op.gemm.matmul(GemmOp::NT, y, x, op.W, op.N, op.out, op.in, 1.f, 0.f, op.stream);
-  if (op.b) add_bias(y, op.b, op.N, op.out, op.stream);
+  {
+    ProfileScope ps(op.prof, Phase::base_gemm_fwd, op.stream);
+    op.gemm.matmul(GemmOp::NT, y, x, op.W, op.N, op.out, op.in, 1.f, 0.f, op.stream);
+    if (op.b) add_bias(y, op.b, op.N, op.out, op.stream);
+  }
   if (!op.slot) return;
   const LoraSlot& s = *op.slot;
   const int64_t r = lc.adapter->spec.rank;
   const bf16* xin = x;
   if (lc.dropout > 0) {
+    ProfileScope ps(op.prof, Phase::dropout, op.stream);
     dropout_apply(op.xd, x, op.N * op.in, lc.dropout, op.dropout_seed, false, op.stream);
     xin = op.xd;
   }
+  ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
   op.gemm.matmul(GemmOp::NT, u, xin, lc.params + s.a_offset, op.N, r, op.in, 1.f, 0.f,
                  op.stream);
   // y was rounded to bf16 once already; the LoRA term is added with one more rounding, as a
@@ -27,32 +32,44 @@ void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* 
 
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,
                      const bf16* dy, const bf16* x, const bf16* u) {
-  op.gemm.matmul(GemmOp::NN, dx, dy, op.W, op.N, op.in, op.out, 1.f, accumulate ? 1.f : 0.f,
-                 op.stream);
+  {
+    ProfileScope ps(op.prof, Phase::base_gemm_bwd, op.stream);
+    op.gemm.matmul(GemmOp::NN, dx, dy, op.W, op.N, op.in, op.out, 1.f,
+                   accumulate ? 1.f : 0.f, op.stream);
+  }
   if (!op.slot) return;
   const LoraSlot& s = *op.slot;
   const int64_t r = lc.adapter->spec.rank;
   const float scale = lc.adapter->spec.scale();
   // dB += scale dy^T u ; du = scale dy B ; dA += du^T dropout(x) ; dx += dropout'(du A)
-  op.gemm.matmul(GemmOp::TN, lc.grads + s.b_offset, dy, u, op.out, r, op.N, scale, 1.f,
-                 op.stream);
-  op.gemm.matmul(GemmOp::NN, op.du, dy, lc.params + s.b_offset, op.N, r, op.out, scale, 0.f,
-                 op.stream);
+  {
+    ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
+    op.gemm.matmul(GemmOp::TN, lc.grads + s.b_offset, dy, u, op.out, r, op.N, scale, 1.f,
+                   op.stream);
+    op.gemm.matmul(GemmOp::NN, op.du, dy, lc.params + s.b_offset, op.N, r, op.out, scale, 0.f,
+                   op.stream);
+  }
   const bf16* xin = x;
   if (lc.dropout > 0) {
+    ProfileScope ps(op.prof, Phase::dropout, op.stream);
     dropout_apply(op.xd, x, op.N * op.in, lc.dropout, op.dropout_seed, false, op.stream);
     xin = op.xd;
   }
-  op.gemm.matmul(GemmOp::TN, lc.grads + s.a_offset, op.du, xin, r, op.in, op.N, 1.f, 1.f,
-                 op.stream);
+  {
+    ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
+    op.gemm.matmul(GemmOp::TN, lc.grads + s.a_offset, op.du, xin, r, op.in, op.N, 1.f, 1.f,
+                   op.stream);
+    if (lc.dropout > 0)
+      op.gemm.matmul(GemmOp::NN, op.xd, op.du, lc.params + s.a_offset, op.N, op.in, r, 1.f,
+                     0.f, op.stream);
+    else
+      op.gemm.matmul(GemmOp::NN, dx, op.du, lc.params + s.a_offset, op.N, op.in, r, 1.f, 1.f,
+                     op.stream);
+  }
   if (lc.dropout > 0) {
     // The mask is a function of (seed, element index) only: the same call masks the gradient.
-    op.gemm.matmul(GemmOp::NN, op.xd, op.du, lc.params + s.a_offset, op.N, op.in, r, 1.f, 0.f,
-                   op.stream);
+    ProfileScope ps(op.prof, Phase::dropout, op.stream);
     dropout_apply(dx, op.xd, op.N * op.in, lc.dropout, op.dropout_seed, true, op.stream);
-  } else {
-    op.gemm.matmul(GemmOp::NN, dx, op.du, lc.params + s.a_offset, op.N, op.in, r, 1.f, 1.f,
-                   op.stream);
   }
 }
 

@@ -9,6 +9,7 @@
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_gemm.hpp"
 #include "ftune/model/lora.hpp"
+#include "profiler.cuh"
 
 namespace ftune::cuda::model {
 
@@ -33,6 +34,7 @@ struct LinearOp {
   uint64_t dropout_seed;  // per (seed, layer, proj), as the CPU derives it
   bf16* xd;               // scratch [N, max(in)] for dropout(x) / the LoRA input gradient
   bf16* du;               // scratch [N, r]
+  PhaseProfiler* prof = nullptr;
 };
 
 // y = ...; keeps u = dropout(x) A^T [N, r] for backward.

@@ -6,12 +6,6 @@ namespace ftune::cuda::model {
 namespace {
 using namespace detail;
 
-__global__ void f32_to_bf16_kernel(__nv_bfloat16* dst, const float* src, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = __float2bfloat16_rn(src[i]);
-}
-
 __global__ void add_bias_kernel(__nv_bfloat16* y, const __nv_bfloat16* b, int64_t n,
                                 int64_t out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -29,12 +23,6 @@ __global__ void scatter_rows_kernel(__nv_bfloat16* dst, const __nv_bfloat16* src
 }
 
 }  // namespace
-
-void f32_to_bf16(bf16* dst, const float* src, int64_t n, stream_t stream) {
-  if (n <= 0) return;
-  f32_to_bf16_kernel<<<grid_for(n, 256, 8192), 256, 0, stream>>>(dev(dst), src, n);
-  FTUNE_CUDA_LAUNCH_CHECK();
-}
 
 void add_bias(bf16* y, const bf16* b, int64_t N, int64_t out, stream_t stream) {
   const int64_t n = N * out;

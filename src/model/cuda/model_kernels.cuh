@@ -1,6 +1,5 @@
 #pragma once
-// Small device kernels the CUDA transformer needs beyond kernels/cuda_ops.hpp: weight
-// conversion, bias add, row scatter for the loss head, and host<->device copies on the
+// Small device kernels the CUDA transformer needs beyond kernels/cuda_ops.hpp: bias add, row scatter for the loss head, and host<->device copies on the
 // backend's stream. CUDA-side header (included by src/model/cuda/*.cu only).
 #include <cstdint>
 
@@ -8,8 +7,6 @@
 
 namespace ftune::cuda::model {
 
-// dst[i] = bf16(src[i]) (round to nearest even), fp32 device input.
-void f32_to_bf16(bf16* dst, const float* src, int64_t n, stream_t stream);
 // y[n, o] += b[o] for n < N, o < out (one rounding).
 void add_bias(bf16* y, const bf16* b, int64_t N, int64_t out, stream_t stream);
 // dst[rows[i], :] = src[i, :] for i < m; rows are distinct (the inverse of the gather that

@@ -15,11 +15,13 @@
 #include "device_weights.cuh"
 #include "ftune/kernels/cuda_attention.hpp"
 #include "ftune/kernels/cuda_gemm.hpp"
+#include "ftune/kernels/cuda_optim.hpp"
 #include "ftune/kernels/cuda_ops.hpp"
 #include "ftune/model/transformer_cpu.hpp"  // rope_inv_freq (host code, ftune_model)
 #include "ftune/model/transformer_cuda.hpp"
 #include "lora_linear.cuh"
 #include "model_kernels.cuh"
+#include "profiler.cuh"
 #include "workspace.cuh"
 
 namespace ftune {
@@ -28,6 +30,7 @@ namespace {
 namespace cu = ftune::cuda;
 namespace cm = ftune::cuda::model;
 using cu::bf16;
+using Scope = cm::ProfileScope;
 
 // Must equal transformer_cpu.cpp's mix_seed: dropout masks are keyed by
 // mix_seed(seed, layer * 7 + proj), so both backends drop the same elements.
@@ -67,6 +70,7 @@ struct CudaTransformer::Impl {
   std::vector<float> host_grads, host_loss;
   size_t peak = 0;
   std::string dev_name;
+  cm::PhaseProfiler prof;
 
   Impl(const BaseWeights& weights, bool ckpt, bool flash_attn, int dev)
       : device(select_device(dev)),
@@ -116,7 +120,7 @@ struct CudaTransformer::Impl {
                               static_cast<int>(c.head_dim)};
   }
 
-  // Validates ids, sizes the arena, uploads the batch and the adapter.
+  // Validates ids, sizes the arena and uploads the batch.
   void prepare(const MicroBatch& mb, const LoraAdapter& a) {
     const int64_t N = mb.num_tokens(), V = c.vocab_size;
     std::vector<int32_t> rows, targets;
@@ -149,10 +153,6 @@ struct CudaTransformer::Impl {
     cm::Carver real(arena.as<char>());
     cm::carve(real, b, c, dims, checkpointing);
 
-    const size_t np = a.params.size();
-    grow(p32, np * sizeof(float));
-    grow(p16, np * sizeof(bf16));
-    grow(g32, np * sizeof(float));
     note_memory();
 
     const cu::stream_t s = stream.get();
@@ -161,9 +161,19 @@ struct CudaTransformer::Impl {
     cm::h2d(b.seq_start, mb.seq_start.data(), (dims.S + 1) * sizeof(int64_t), s);
     cm::h2d(b.rows, rows.data(), dims.R * sizeof(int32_t), s);
     cm::h2d(b.row_targets, targets.data(), dims.R * sizeof(int32_t), s);
-    // Known cost of this first version: the fp32 adapter crosses PCIe every micro-batch.
+  }
+
+  // The host-API path: the fp32 adapter crosses PCIe each micro-batch (the trainer's
+  // device-resident path, forward_backward_on_device, avoids this).
+  void upload_adapter(const LoraAdapter& a, bool want_grads) {
+    const size_t np = a.params.size();
+    grow(p32, np * sizeof(float));
+    grow(p16, np * sizeof(bf16));
+    if (want_grads) grow(g32, np * sizeof(float));
+    note_memory();
+    const cu::stream_t s = stream.get();
     cm::h2d(p32.get(), a.params.data(), np * sizeof(float), s);
-    cm::f32_to_bf16(p16.as<bf16>(), p32.as<float>(), static_cast<int64_t>(np), s);
+    cu::to_bf16(p16.as<bf16>(), p32.as<float>(), static_cast<int64_t>(np), s);
   }
 
   cm::LinearOp op(int layer, Proj p, const cm::LoraCtx& lc) {
@@ -171,7 +181,7 @@ struct CudaTransformer::Impl {
     const uint64_t seed = mix_seed(lc.seed, static_cast<uint64_t>(layer) * kNumProj + pi);
     return cm::LinearOp{gemm, stream.get(), dims.N, proj_in_features(c, p),
                         proj_out_features(c, p), w.layers[layer].w[pi], w.layers[layer].b[pi],
-                        lc.adapter->slot(layer, p), seed, b.xd, b.du};
+                        lc.adapter->slot(layer, p), seed, b.xd, b.du, &prof};
   }
   void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x) {
     cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)]);
@@ -192,33 +202,41 @@ struct CudaTransformer::Impl {
     const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
     const float eps = static_cast<float>(c.rms_norm_eps);
 
-    cu::rms_norm_forward(A.xn1, A.rstd1, x, L.input_norm, N, H, eps, s);
+    using cm::Phase;
+    { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn1, A.rstd1, x, L.input_norm, N, H, eps, s); }
     // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k.
     lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1);
     lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1);
     lin_fwd(l, Proj::v, lc, A.v, A.xn1);
     if (c.qk_norm) {
+      Scope ps(&prof, Phase::norm, s);
       cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
       cu::rms_norm_forward(A.k, A.rstd_k, A.k_pre, L.k_norm, N * Hkv, d, eps, s);
     }
     const float* cs = rope_cos.as<float>();
     const float* sn = rope_sin.as<float>();
-    cu::rope_forward(A.q, cs, sn, b.positions, N, Hq, d, s);
-    cu::rope_forward(A.k, cs, sn, b.positions, N, Hkv, d, s);
+    {
+      Scope ps(&prof, Phase::rope, s);
+      cu::rope_forward(A.q, cs, sn, b.positions, N, Hq, d, s);
+      cu::rope_forward(A.k, cs, sn, b.positions, N, Hkv, d, s);
+    }
     const cu::AttentionShape sh = attn_shape();
-    if (flash)
-      cu::flash_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
-    else
-      cu::naive_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
+    {
+      Scope ps(&prof, Phase::attention_fwd, s);
+      if (flash)
+        cu::flash_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
+      else
+        cu::naive_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
+    }
     lin_fwd(l, Proj::o, lc, b.tmp_h, A.att);
-    cu::residual_add(A.x_mid, x, b.tmp_h, N * H, s);
+    { Scope ps(&prof, Phase::elementwise, s); cu::residual_add(A.x_mid, x, b.tmp_h, N * H, s); }
 
-    cu::rms_norm_forward(A.xn2, A.rstd2, A.x_mid, L.post_norm, N, H, eps, s);
+    { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn2, A.rstd2, A.x_mid, L.post_norm, N, H, eps, s); }
     lin_fwd(l, Proj::gate, lc, A.gate, A.xn2);
     lin_fwd(l, Proj::up, lc, A.up, A.xn2);
-    cu::swiglu_forward(A.h, A.gate, A.up, N * I, s);
+    { Scope ps(&prof, Phase::elementwise, s); cu::swiglu_forward(A.h, A.gate, A.up, N * I, s); }
     lin_fwd(l, Proj::down, lc, b.tmp_h, A.h);
-    cu::residual_add(b.resid[l + 1], A.x_mid, b.tmp_h, N * H, s);
+    { Scope ps(&prof, Phase::elementwise, s); cu::residual_add(b.resid[l + 1], A.x_mid, b.tmp_h, N * H, s); }
   }
 
   // On entry b.dx = dLoss/d(layer output); on exit dLoss/d(layer input). The residual
@@ -230,28 +248,36 @@ struct CudaTransformer::Impl {
     const int64_t N = dims.N, H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
     const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
 
+    using cm::Phase;
     // MLP: x_out = x_mid + down(swiglu(gate(xn2), up(xn2)))
     lin_bwd(l, Proj::down, lc, b.dh, false, b.dx, A.h);
-    cu::swiglu_backward(b.dgate, b.dup, b.dh, A.gate, A.up, N * I, s);
+    { Scope ps(&prof, Phase::elementwise, s); cu::swiglu_backward(b.dgate, b.dup, b.dh, A.gate, A.up, N * I, s); }
     lin_bwd(l, Proj::gate, lc, b.dxn, false, b.dgate, A.xn2);
     lin_bwd(l, Proj::up, lc, b.dxn, true, b.dup, A.xn2);
-    cu::rms_norm_backward(b.dx, b.dxn, A.x_mid, L.post_norm, A.rstd2, N, H, true, s);
+    { Scope ps(&prof, Phase::norm, s); cu::rms_norm_backward(b.dx, b.dxn, A.x_mid, L.post_norm, A.rstd2, N, H, true, s); }
 
     // Attention: x_mid = x + o(attn(rope(q), rope(k), v))
     lin_bwd(l, Proj::o, lc, b.datt, false, b.dx, A.att);
     const cu::AttentionShape sh = attn_shape();
-    if (flash)
-      cu::flash_attention_backward(b.dq, b.dk, b.dv, b.datt, A.att, A.lse, A.q, A.k, A.v,
-                                   b.seq_start, sh, b.attn_ws, s);
-    else
-      cu::naive_attention_backward(b.dq, b.dk, b.dv, b.datt, A.att, A.lse, A.q, A.k, A.v,
-                                   b.seq_start, sh, s);
+    {
+      Scope ps(&prof, Phase::attention_bwd, s);
+      if (flash)
+        cu::flash_attention_backward(b.dq, b.dk, b.dv, b.datt, A.att, A.lse, A.q, A.k, A.v,
+                                     b.seq_start, sh, b.attn_ws, s);
+      else
+        cu::naive_attention_backward(b.dq, b.dk, b.dv, b.datt, A.att, A.lse, A.q, A.k, A.v,
+                                     b.seq_start, sh, s);
+    }
     const float* cs = rope_cos.as<float>();
     const float* sn = rope_sin.as<float>();
-    cu::rope_backward(b.dq, cs, sn, b.positions, N, Hq, d, s);
-    cu::rope_backward(b.dk, cs, sn, b.positions, N, Hkv, d, s);
+    {
+      Scope ps(&prof, Phase::rope, s);
+      cu::rope_backward(b.dq, cs, sn, b.positions, N, Hq, d, s);
+      cu::rope_backward(b.dk, cs, sn, b.positions, N, Hkv, d, s);
+    }
     const bf16 *dq = b.dq, *dk = b.dk;
     if (c.qk_norm) {
+      Scope ps(&prof, Phase::norm, s);
       cu::rms_norm_backward(b.dq_pre, b.dq, A.q_pre, L.q_norm, A.rstd_q, N * Hq, d, false, s);
       cu::rms_norm_backward(b.dk_pre, b.dk, A.k_pre, L.k_norm, A.rstd_k, N * Hkv, d, false, s);
       dq = b.dq_pre;
@@ -260,6 +286,7 @@ struct CudaTransformer::Impl {
     lin_bwd(l, Proj::q, lc, b.dxn, false, dq, A.xn1);
     lin_bwd(l, Proj::k, lc, b.dxn, true, dk, A.xn1);
     lin_bwd(l, Proj::v, lc, b.dxn, true, b.dv, A.xn1);
+    Scope ps(&prof, Phase::norm, s);
     cu::rms_norm_backward(b.dx, b.dxn, b.resid[l], L.input_norm, A.rstd1, N, H, true, s);
   }
 
@@ -270,6 +297,7 @@ struct CudaTransformer::Impl {
     const cu::stream_t s = stream.get();
     const int64_t N = dims.N, H = c.hidden_size, V = c.vocab_size, R = dims.R;
     const bf16* xl = b.resid[c.num_hidden_layers];
+    Scope ps(&prof, cm::Phase::head, s);
     cu::rms_norm_forward(b.xf, b.rstd_f, xl, w.final_norm, N, H,
                          static_cast<float>(c.rms_norm_eps), s);
     if (want_grad) cm::memset0(b.dxf, N * H * sizeof(bf16), s);
@@ -293,6 +321,7 @@ struct CudaTransformer::Impl {
     host_loss.resize(dims.R);
     cm::d2h(host_loss.data(), b.row_loss, dims.R * sizeof(float), stream.get());
     cm::stream_sync(stream.get());
+    prof.collect();
     LossSum out;
     out.num_targets = dims.R;
     for (float v : host_loss) out.loss_sum += v;
@@ -300,6 +329,7 @@ struct CudaTransformer::Impl {
   }
 
   void embed() {
+    Scope ps(&prof, cm::Phase::embed, stream.get());
     cu::embedding_forward(b.resid[0], w.embed, b.tokens, dims.N, c.hidden_size, c.vocab_size,
                           stream.get());
   }
@@ -313,6 +343,46 @@ CudaTransformer::~CudaTransformer() = default;
 std::string CudaTransformer::name() const { return impl_->dev_name; }
 bool CudaTransformer::uses_flash() const { return impl_->flash; }
 size_t CudaTransformer::peak_bytes() const { return impl_->peak; }
+int CudaTransformer::device() const { return impl_->device; }
+cuda::stream_t CudaTransformer::stream() const { return impl_->stream.get(); }
+
+LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
+                                                    const LoraAdapter& layout,
+                                                    const cuda::bf16* params16, float* grads32,
+                                                    float loss_scale, uint64_t dropout_seed) {
+  Impl& m = *impl_;
+  if (mb.num_tokens() == 0) return {};
+  cm::use_device(m.device);
+  m.prepare(mb, layout);
+  const cm::LoraCtx lc{&layout, params16, grads32, layout.spec.dropout, dropout_seed};
+  const int L = static_cast<int>(m.c.num_hidden_layers);
+  m.embed();
+  for (int l = 0; l < L; ++l) m.layer_forward(l, lc);
+  m.head(true, loss_scale);
+  for (int l = L - 1; l >= 0; --l) {
+    // Under checkpointing the shared activations hold the last layer run: recompute.
+    if (m.checkpointing && l != L - 1) {
+      Scope ps(&m.prof, cm::Phase::recompute_total, m.stream.get());
+      m.layer_forward(l, lc);
+    }
+    m.layer_backward(l, lc);
+  }
+  m.prof.count_micro_step();
+  return m.finish_loss();  // synchronizes the stream
+}
+
+LossSum CudaTransformer::forward_loss_on_device(const MicroBatch& mb, const LoraAdapter& layout,
+                                                const cuda::bf16* params16) {
+  Impl& m = *impl_;
+  if (mb.num_tokens() == 0) return {};
+  cm::use_device(m.device);
+  m.prepare(mb, layout);
+  const cm::LoraCtx lc{&layout, params16, nullptr, 0.0, 0};
+  m.embed();
+  for (int l = 0; l < static_cast<int>(m.c.num_hidden_layers); ++l) m.layer_forward(l, lc);
+  m.head(false, 1.f);
+  return m.finish_loss();
+}
 
 LossSum CudaTransformer::forward_backward(const MicroBatch& mb, const LoraAdapter& adapter,
                                           float* grads, float loss_scale,
@@ -320,24 +390,14 @@ LossSum CudaTransformer::forward_backward(const MicroBatch& mb, const LoraAdapte
   Impl& m = *impl_;
   if (mb.num_tokens() == 0) return {};
   cm::use_device(m.device);
-  m.prepare(mb, adapter);
+  m.upload_adapter(adapter, true);
   const size_t np = adapter.params.size();
   cm::memset0(m.g32.get(), np * sizeof(float), m.stream.get());
-  const cm::LoraCtx lc{&adapter, m.p16.as<bf16>(), m.g32.as<float>(), adapter.spec.dropout,
-                       dropout_seed};
-  const int L = static_cast<int>(m.c.num_hidden_layers);
-  m.embed();
-  for (int l = 0; l < L; ++l) m.layer_forward(l, lc);
-  m.head(true, loss_scale);
-  for (int l = L - 1; l >= 0; --l) {
-    // Under checkpointing the shared activations hold the last layer run: recompute.
-    if (m.checkpointing && l != L - 1) m.layer_forward(l, lc);
-    m.layer_backward(l, lc);
-  }
-  // Known cost of this first version: gradients come back to the host every micro-batch.
+  const LossSum out = forward_backward_on_device(mb, adapter, m.p16.as<bf16>(),
+                                                 m.g32.as<float>(), loss_scale, dropout_seed);
   m.host_grads.resize(np);
   cm::d2h(m.host_grads.data(), m.g32.get(), np * sizeof(float), m.stream.get());
-  const LossSum out = m.finish_loss();  // synchronizes the stream
+  cm::stream_sync(m.stream.get());
   for (size_t i = 0; i < np; ++i) grads[i] += m.host_grads[i];
   return out;
 }
@@ -346,12 +406,8 @@ LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& a
   Impl& m = *impl_;
   if (mb.num_tokens() == 0) return {};
   cm::use_device(m.device);
-  m.prepare(mb, adapter);
-  const cm::LoraCtx lc{&adapter, m.p16.as<bf16>(), nullptr, 0.0, 0};
-  m.embed();
-  for (int l = 0; l < static_cast<int>(m.c.num_hidden_layers); ++l) m.layer_forward(l, lc);
-  m.head(false, 1.f);
-  return m.finish_loss();
+  m.upload_adapter(adapter, false);
+  return forward_loss_on_device(mb, adapter, m.p16.as<bf16>());
 }
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const BaseWeights& weights,

@@ -1,0 +1,63 @@
+#pragma once
+// train module: where the adapter, its gradient accumulator and the optimizer state live
+// while training, and how one optimizer step is done over them.
+//   host runner: host vectors and ZeroAdamW over the bootstrap Communicator; works with any
+//                backend through TrainBackend's host interface (the CPU reference backend);
+//   CUDA runner: everything on the GPU of a CudaTransformer; gradients reduced with NCCL,
+//                AdamW, norm and clipping as kernels (src/train/cuda_step_runner.cpp).
+// Both implement the ZeRO stages of zero_optimizer.hpp. The trainer picks the CUDA runner
+// for a CUDA backend when the world is one rank or NCCL is built in; FTUNE_HOST_OPTIMIZER=1
+// forces the host runner (a cross-check, and the path for GPUs without NCCL).
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "ftune/dist/communicator.hpp"
+#include "ftune/model/backend.hpp"
+#include "ftune/train/checkpoint.hpp"
+#include "ftune/train/optimizer.hpp"
+
+namespace ftune {
+
+class StepRunner {
+ public:
+  virtual ~StepRunner() = default;
+  virtual std::string describe() const = 0;  // "host AdamW, ZeRO 1" / "GPU AdamW, NCCL ..."
+  // Adds the gradient of loss_scale * (sum of token cross-entropies of mb).
+  virtual LossSum accumulate(const MicroBatch& mb, float loss_scale, uint64_t dropout_seed) = 0;
+  virtual LossSum evaluate(const MicroBatch& mb) = 0;
+  // Sums the accumulated gradients over ranks, clips them to max_grad_norm (global norm,
+  // torch's coefficient), takes one AdamW step at lr and clears the accumulator. Returns
+  // the pre-clip norm. The host adapter's params are refreshed only by params_to_host().
+  virtual double step(double lr, double max_grad_norm) = 0;
+  // Copies the current parameters into adapter.params (checkpoints, the final adapter).
+  virtual void params_to_host(LoraAdapter& adapter) = 0;
+  // Takes adapter.params as the current parameters (after a resume rewrote them).
+  virtual void params_from_host(const LoraAdapter& adapter) = 0;
+  // The range of the parameter vector whose optimizer state this rank keeps (stage 0: all).
+  virtual ShardRange owned() const = 0;
+  virtual size_t state_bytes() const = 0;  // Adam moments + master weights held by this rank
+  // This rank's part of an optimizer checkpoint: moments and master weights of a range; the
+  // ranges of all ranks tile the vector once. `params`: the current full parameters.
+  virtual OptimizerShard export_shard(std::span<const float> params) = 0;
+  // Restores moments and the step count of owned(), and writes the shard's master weights
+  // into params[owned()] (the caller gathers the rest, then calls params_from_host).
+  virtual void import_shard(const OptimizerShard& s, std::span<float> params) = 0;
+};
+
+// adapter must outlive the runner (the host runner updates adapter.params in place).
+std::unique_ptr<StepRunner> make_step_runner(TrainBackend& model, LoraAdapter& adapter,
+                                             int zero_stage, Communicator& comm,
+                                             const AdamWHyper& hyper);
+
+// The two implementations, for tests that want one in particular.
+std::unique_ptr<StepRunner> make_host_step_runner(TrainBackend& model, LoraAdapter& adapter,
+                                                  int zero_stage, Communicator& comm,
+                                                  const AdamWHyper& hyper);
+// Throws unless `model` is a CudaTransformer and (comm.size() == 1 or NCCL is built in).
+std::unique_ptr<StepRunner> make_cuda_step_runner(TrainBackend& model, LoraAdapter& adapter,
+                                                  int zero_stage, Communicator& comm,
+                                                  const AdamWHyper& hyper);
+
+}  // namespace ftune
