@@ -295,9 +295,13 @@ static inline uint64_t mix64(uint64_t z) {  // splitmix64 finaliser
 }
 
 bool dropout_keep(uint64_t seed, uint64_t i, double p) {
-  const uint64_t r = mix64(seed ^ mix64(i));
-  const double u = static_cast<double>(r >> 11) * (1.0 / 9007199254740992.0);  // [0,1)
-  return u >= p;
+  // One splitmix64 draw per pair of elements (the stream of `seed`, draw i / 2); element i
+  // takes its low (even i) or high (odd i) 32 bits as u in [0, 2^32). Keep iff
+  // u >= ceil(p * 2^32): exact in double (p * 2^32 is a power-of-two scaling). Half a hash
+  // per element keeps the GPU's dropout memory-bound instead of integer-multiply-bound.
+  const uint64_t r = mix64(seed + (i >> 1) * 0x9E3779B97F4A7C15ull);
+  const uint64_t u = (i & 1) ? (r >> 32) : (r & 0xffffffffull);
+  return static_cast<double>(u) >= std::ceil(p * 4294967296.0);
 }
 
 template <typename T>

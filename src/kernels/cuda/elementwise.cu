@@ -1,6 +1,7 @@
-// Elementwise bf16 ops (SwiGLU, residual add, dropout) over one generic grid-stride kernel:
+// Elementwise bf16 ops: SwiGLU and residual add over one generic grid-stride kernel:
 // 8 values per step with 16-byte accesses when every pointer is 16-byte aligned, a scalar
-// tail for n % 8, or a scalar loop otherwise. Each op sees fp32 values and rounds once.
+// tail for n % 8, or a scalar loop otherwise; dropout in its own kernel (below). Each op
+// sees fp32 values and rounds once.
 #include <cmath>
 
 #include "common.cuh"
@@ -91,29 +92,53 @@ struct Add {
   }
 };
 
-// cpu::dropout_keep: u = (mix64(seed ^ mix64(i)) >> 11) * 2^-53, keep iff u >= p. Both sides
-// are exact in double, so u >= p  <=>  (r >> 11) >= ceil(p * 2^53): an integer compare that
-// gives the CPU's decision bit for bit without device doubles.
+// cpu::dropout_keep: one splitmix64 draw r per pair of elements; element i compares the low
+// (even i) or high (odd i) 32 bits of r with ceil(p * 2^32). A dedicated kernel (not
+// ew_kernel) so that each thread draws once per pair: 8 elements, 4 draws.
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
+__device__ __forceinline__ uint64_t dropout_draw(uint64_t seed, uint64_t pair) {
+  return mix64(seed + pair * 0x9E3779B97F4A7C15ull);
+}
+__device__ __forceinline__ bool keep_bit(uint64_t r, int odd, uint64_t threshold) {
+  return (odd ? (r >> 32) : (r & 0xffffffffull)) >= threshold;
+}
+
 template <bool kAccumulate>
-struct Dropout {  // in: x (, y)   out: y
-  uint64_t seed, threshold;
-  float scale;
-  __device__ void operator()(int64_t i, const float (&x)[kAccumulate ? 2 : 1],
-                             float (&y)[1]) const {
-    const uint64_t r = mix64(seed ^ mix64(static_cast<uint64_t>(i)));
-    const float v = (r >> 11) >= threshold ? x[0] * scale : 0.f;
-    if constexpr (kAccumulate)
-      y[0] = x[1] + v;
-    else
-      y[0] = v;
+__global__ void dropout_kernel(__nv_bfloat16* y, const __nv_bfloat16* x, int64_t n,
+                               uint64_t seed, uint64_t threshold, float scale, bool vec) {
+  const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if (vec) {
+    const int64_t chunks = n / 8;
+    for (int64_t c = tid; c < chunks; c += stride) {
+      float xv[8], yv[8];
+      load8(x + c * 8, xv);
+      if constexpr (kAccumulate) load8(y + c * 8, yv);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const uint64_t r = dropout_draw(seed, static_cast<uint64_t>(c * 4 + m));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float v = keep_bit(r, h, threshold) ? xv[2 * m + h] * scale : 0.f;
+          yv[2 * m + h] = kAccumulate ? yv[2 * m + h] + v : v;
+        }
+      }
+      store8(y + c * 8, yv);
+    }
+    done = chunks * 8;
   }
-};
+  for (int64_t i = done + tid; i < n; i += stride) {
+    const uint64_t r = dropout_draw(seed, static_cast<uint64_t>(i) >> 1);
+    const float v = keep_bit(r, static_cast<int>(i & 1), threshold) ? ld(x + i) * scale : 0.f;
+    st(y + i, kAccumulate ? ld(y + i) + v : v);
+  }
+}
 
 }  // namespace
 
@@ -134,14 +159,20 @@ void residual_add(bf16* out, const bf16* a, const bf16* b, int64_t n, stream_t s
 void dropout_apply(bf16* y, const bf16* x, int64_t n, double p, uint64_t seed,
                    bool accumulate, stream_t stream) {
   if (!(p >= 0.0 && p < 1.0)) throw CudaError("dropout_apply: p must be in [0, 1)");
-  // p * 2^53 is exact (a power-of-two scaling), so its ceiling is the exact threshold.
-  const uint64_t threshold = static_cast<uint64_t>(std::ceil(p * 9007199254740992.0));
+  if (n <= 0) return;
+  // p * 2^32 is exact (a power-of-two scaling), so its ceiling is the exact threshold.
+  const uint64_t threshold = static_cast<uint64_t>(std::ceil(p * 4294967296.0));
   const float scale = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;  // CPU's keep_scale
+  const bool vec = aligned16(x) && aligned16(y);
+  const int threads = 256;
+  const int blocks = grid_for(vec ? (n + 7) / 8 : n, threads);
   if (accumulate)
-    ew_launch(Ptrs<2, 1>{{dev(x), dev(y)}, {dev(y)}}, n, Dropout<true>{seed, threshold, scale},
-              stream);
+    dropout_kernel<true><<<blocks, threads, 0, stream>>>(dev(y), dev(x), n, seed, threshold,
+                                                         scale, vec);
   else
-    ew_launch(Ptrs<1, 1>{{dev(x)}, {dev(y)}}, n, Dropout<false>{seed, threshold, scale}, stream);
+    dropout_kernel<false><<<blocks, threads, 0, stream>>>(dev(y), dev(x), n, seed, threshold,
+                                                          scale, vec);
+  FTUNE_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace ftune::cuda

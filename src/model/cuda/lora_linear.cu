@@ -6,13 +6,7 @@
 
 namespace ftune::cuda::model {
 
-void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u) {
-  {
-    ProfileScope ps(op.prof, Phase::base_gemm_fwd, op.stream);
-    op.gemm.matmul(GemmOp::NT, y, x, op.W, op.N, op.out, op.in, 1.f, 0.f, op.stream);
-    if (op.b) add_bias(y, op.b, op.N, op.out, op.stream);
-  }
-  if (!op.slot) return;
+void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf16* u) {
   const LoraSlot& s = *op.slot;
   const int64_t r = lc.adapter->spec.rank;
   const bf16* xin = x;
@@ -24,10 +18,21 @@ void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* 
   ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
   op.gemm.matmul(GemmOp::NT, u, xin, lc.params + s.a_offset, op.N, r, op.in, 1.f, 0.f,
                  op.stream);
+}
+
+void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u) {
+  {
+    ProfileScope ps(op.prof, Phase::base_gemm_fwd, op.stream);
+    op.gemm.matmul(GemmOp::NT, y, x, op.W, op.N, op.out, op.in, 1.f, 0.f, op.stream);
+    if (op.b) add_bias(y, op.b, op.N, op.out, op.stream);
+  }
+  if (!op.slot) return;
+  lora_input_product(op, lc, x, u);
   // y was rounded to bf16 once already; the LoRA term is added with one more rounding, as a
   // bf16 PEFT model does (base output + lora output).
-  op.gemm.matmul(GemmOp::NT, y, u, lc.params + s.b_offset, op.N, op.out, r,
-                 lc.adapter->spec.scale(), 1.f, op.stream);
+  ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
+  op.gemm.matmul(GemmOp::NT, y, u, lc.params + op.slot->b_offset, op.N, op.out,
+                 lc.adapter->spec.rank, lc.adapter->spec.scale(), 1.f, op.stream);
 }
 
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,

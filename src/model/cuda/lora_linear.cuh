@@ -37,6 +37,9 @@ struct LinearOp {
   PhaseProfiler* prof = nullptr;
 };
 
+// u = dropout(x) A^T [N, r] only (op.slot must be set): what backward needs of a projection
+// whose output a checkpointed recompute does not need.
+void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf16* u);
 // y = ...; keeps u = dropout(x) A^T [N, r] for backward.
 void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u);
 // dx (+)= dy W + the LoRA path's input gradient; dA, dB added into lc.grads.

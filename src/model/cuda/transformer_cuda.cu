@@ -191,9 +191,19 @@ struct CudaTransformer::Impl {
     cm::linear_backward(op(l, p, lc), lc, dx, acc, dy, x, acts_for(l).u[static_cast<int>(p)]);
   }
 
-  cm::LayerActs& acts_for(int layer) { return b.acts[checkpointing ? 0 : layer]; }
+  cm::LayerActs& acts_for(int layer) {
+    if (!checkpointing) return b.acts[layer];
+    cm::LayerActs& A = b.acts[0];
+    A.att = b.att_saved[layer];
+    A.lse = b.lse_saved[layer];
+    return A;
+  }
 
-  void layer_forward(int l, const cm::LoraCtx& lc) {
+  // recompute: the checkpointed re-run of layer l during backward. It rebuilds what the
+  // backward reads and nothing else: attention output and lse were kept (skip attention),
+  // and the layer's output is already stored (skip the down projection, except its LoRA
+  // input product u, and the last residual add).
+  void layer_forward(int l, const cm::LoraCtx& lc, bool recompute = false) {
     const cm::DeviceLayer& L = w.layers[l];
     cm::LayerActs& A = acts_for(l);
     const cu::stream_t s = stream.get();
@@ -221,7 +231,7 @@ struct CudaTransformer::Impl {
       cu::rope_forward(A.k, cs, sn, b.positions, N, Hkv, d, s);
     }
     const cu::AttentionShape sh = attn_shape();
-    {
+    if (!recompute) {
       Scope ps(&prof, Phase::attention_fwd, s);
       if (flash)
         cu::flash_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
@@ -235,6 +245,11 @@ struct CudaTransformer::Impl {
     lin_fwd(l, Proj::gate, lc, A.gate, A.xn2);
     lin_fwd(l, Proj::up, lc, A.up, A.xn2);
     { Scope ps(&prof, Phase::elementwise, s); cu::swiglu_forward(A.h, A.gate, A.up, N * I, s); }
+    if (recompute) {
+      const int pd = static_cast<int>(Proj::down);
+      if (lc.adapter->slot(l, Proj::down)) cm::lora_input_product(op(l, Proj::down, lc), lc, A.h, A.u[pd]);
+      return;
+    }
     lin_fwd(l, Proj::down, lc, b.tmp_h, A.h);
     { Scope ps(&prof, Phase::elementwise, s); cu::residual_add(b.resid[l + 1], A.x_mid, b.tmp_h, N * H, s); }
   }
@@ -363,7 +378,7 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
     // Under checkpointing the shared activations hold the last layer run: recompute.
     if (m.checkpointing && l != L - 1) {
       Scope ps(&m.prof, cm::Phase::recompute_total, m.stream.get());
-      m.layer_forward(l, lc);
+      m.layer_forward(l, lc, true);
     }
     m.layer_backward(l, lc);
   }

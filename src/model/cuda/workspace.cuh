@@ -33,7 +33,7 @@ class Carver {
 };
 
 // Activations one layer keeps for its backward (one set per layer, or one shared set under
-// gradient checkpointing). q/k/v are after q/k-norm and RoPE; q_pre/k_pre before (qwen3).
+// gradient checkpointing, whose att/lse then point at the layer's saved copies). q/k/v are after q/k-norm and RoPE; q_pre/k_pre before (qwen3).
 struct LayerActs {
   bf16 *xn1, *q, *k, *v, *q_pre, *k_pre, *att, *x_mid, *xn2, *gate, *up, *h;
   float *rstd1, *rstd_q, *rstd_k, *lse, *rstd2;
@@ -52,6 +52,10 @@ struct Dims {
 struct Buffers {
   std::vector<bf16*> resid;     // [L + 1] residual stream entering each layer, + final
   std::vector<LayerActs> acts;  // L, or 1 under checkpointing
+  // Under checkpointing: each layer's attention output and lse, kept from the forward so
+  // the recompute skips attention (empty without checkpointing: acts hold them).
+  std::vector<bf16*> att_saved;
+  std::vector<float*> lse_saved;
   bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *dgate, *dup, *dh, *xd, *du;
   bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
   float *rstd_f, *row_loss;
@@ -77,8 +81,8 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
     a.k_pre = c.qk_norm ? cv.take<bf16>(N * kvd) : nullptr;
     a.rstd_q = c.qk_norm ? cv.take<float>(N * Hq) : nullptr;
     a.rstd_k = c.qk_norm ? cv.take<float>(N * Hkv) : nullptr;
-    a.att = cv.take<bf16>(N * qd);
-    a.lse = cv.take<float>(N * Hq);
+    a.att = ckpt ? nullptr : cv.take<bf16>(N * qd);
+    a.lse = ckpt ? nullptr : cv.take<float>(N * Hq);
     a.x_mid = cv.take<bf16>(N * H);
     a.xn2 = cv.take<bf16>(N * H);
     a.rstd2 = cv.take<float>(N);
@@ -87,6 +91,10 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
     a.h = cv.take<bf16>(N * I);
     for (auto& u : a.u) u = cv.take<bf16>(N * d.rank);
   }
+  b.att_saved.assign(ckpt ? L : 0, nullptr);
+  b.lse_saved.assign(ckpt ? L : 0, nullptr);
+  for (auto& a : b.att_saved) a = cv.take<bf16>(N * qd);
+  for (auto& a : b.lse_saved) a = cv.take<float>(N * Hq);
   b.tmp_h = cv.take<bf16>(N * H);
   b.dx = cv.take<bf16>(N * H);
   b.dxn = cv.take<bf16>(N * H);
