@@ -3,6 +3,8 @@
 // warp/block reductions. Never included by host-only code (use the plain headers under
 // include/ftune/kernels/).
 #include <cuda_bf16.h>
+
+#include <cmath>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -109,6 +111,26 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
   const int nw = blockDim.x >> 5;
   v = lane < nw ? sh[lane] : 0.f;
   return warp_sum(v);
+}
+
+// The dropout mask of cpu::dropout_keep: one splitmix64 draw r per pair of elements
+// (dropout_draw(seed, i / 2)); element i keeps iff the low (even i) or high (odd i) 32 bits
+// of r are >= ceil(p * 2^32) (dropout_threshold).
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+__device__ __forceinline__ uint64_t dropout_draw(uint64_t seed, uint64_t pair) {
+  return mix64(seed + pair * 0x9E3779B97F4A7C15ull);
+}
+__device__ __forceinline__ bool keep_bit(uint64_t r, int odd, uint64_t threshold) {
+  return (odd ? (r >> 32) : (r & 0xffffffffull)) >= threshold;
+}
+
+inline uint64_t dropout_threshold(double p) {
+  return static_cast<uint64_t>(std::ceil(p * 4294967296.0));  // exact: power-of-two scaling
 }
 
 }  // namespace ftune::cuda::detail

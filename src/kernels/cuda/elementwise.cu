@@ -92,22 +92,8 @@ struct Add {
   }
 };
 
-// cpu::dropout_keep: one splitmix64 draw r per pair of elements; element i compares the low
-// (even i) or high (odd i) 32 bits of r with ceil(p * 2^32). A dedicated kernel (not
-// ew_kernel) so that each thread draws once per pair: 8 elements, 4 draws.
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-__device__ __forceinline__ uint64_t dropout_draw(uint64_t seed, uint64_t pair) {
-  return mix64(seed + pair * 0x9E3779B97F4A7C15ull);
-}
-__device__ __forceinline__ bool keep_bit(uint64_t r, int odd, uint64_t threshold) {
-  return (odd ? (r >> 32) : (r & 0xffffffffull)) >= threshold;
-}
-
+// Dropout: one splitmix64 draw per pair of elements (dropout_draw / keep_bit, common.cuh);
+// a dedicated kernel (not ew_kernel) so each thread draws once per pair: 8 elements, 4 draws.
 template <bool kAccumulate>
 __global__ void dropout_kernel(__nv_bfloat16* y, const __nv_bfloat16* x, int64_t n,
                                uint64_t seed, uint64_t threshold, float scale, bool vec) {

@@ -1,14 +1,30 @@
 // LoRA projections on the device (see lora_linear.cuh). Six cuBLASLt products per
 // projection and step; the rank-r ones are tiny and launch-bound (fusing them is future work).
+#include "ftune/kernels/cuda_lora.hpp"
 #include "ftune/kernels/cuda_ops.hpp"
 #include "lora_linear.cuh"
 #include "model_kernels.cuh"
 
 namespace ftune::cuda::model {
 
+namespace {
+// With dropout, the fused kernels apply the mask on the fly (no dropout(x) buffer).
+bool fused(const LinearOp& op, const LoraCtx& lc, const void* x_or_dx) {
+  return lc.dropout > 0 && op.lora_ws &&
+         lora_fused_supported(lc.adapter->spec.rank, op.in, x_or_dx,
+                              lc.params + op.slot->a_offset);
+}
+}  // namespace
+
 void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf16* u) {
   const LoraSlot& s = *op.slot;
   const int64_t r = lc.adapter->spec.rank;
+  if (fused(op, lc, x)) {
+    ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
+    lora_down_forward(u, x, lc.params + s.a_offset, op.N, op.in, r, lc.dropout, op.dropout_seed,
+                      op.stream);
+    return;
+  }
   const bf16* xin = x;
   if (lc.dropout > 0) {
     ProfileScope ps(op.prof, Phase::dropout, op.stream);
@@ -53,6 +69,14 @@ void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accum
                    op.stream);
     op.gemm.matmul(GemmOp::NN, op.du, dy, lc.params + s.b_offset, op.N, r, op.out, scale, 0.f,
                    op.stream);
+  }
+  if (fused(op, lc, x) && fused(op, lc, dx)) {
+    ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
+    lora_down_backward(lc.grads + s.a_offset, op.du, x, op.N, op.in, r, lc.dropout,
+                       op.dropout_seed, 1.f, op.lora_ws, op.stream);
+    lora_dx_backward(dx, op.du, lc.params + s.a_offset, op.N, op.in, r, lc.dropout,
+                     op.dropout_seed, op.stream);
+    return;
   }
   const bf16* xin = x;
   if (lc.dropout > 0) {

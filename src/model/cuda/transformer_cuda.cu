@@ -181,7 +181,7 @@ struct CudaTransformer::Impl {
     const uint64_t seed = mix_seed(lc.seed, static_cast<uint64_t>(layer) * kNumProj + pi);
     return cm::LinearOp{gemm, stream.get(), dims.N, proj_in_features(c, p),
                         proj_out_features(c, p), w.layers[layer].w[pi], w.layers[layer].b[pi],
-                        lc.adapter->slot(layer, p), seed, b.xd, b.du, &prof};
+                        lc.adapter->slot(layer, p), seed, b.xd, b.du, &prof, b.lora_ws};
   }
   void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x) {
     cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)]);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ftune/kernels/cuda_device.hpp"
+#include "ftune/kernels/cuda_lora.hpp"
 #include "ftune/model/model_config.hpp"
 #include "ftune/model/weights.hpp"
 
@@ -58,6 +59,7 @@ struct Buffers {
   std::vector<float*> lse_saved;
   bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *dgate, *dup, *dh, *xd, *du;
   bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
+  float* lora_ws;                      // fused LoRA backward partial sums
   float *rstd_f, *row_loss;
   int32_t *tokens, *positions, *rows, *row_targets;
   int64_t* seq_start;
@@ -109,6 +111,7 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
   b.dh = cv.take<bf16>(N * I);
   b.xd = cv.take<bf16>(N * widest);
   b.du = cv.take<bf16>(N * d.rank);
+  b.lora_ws = cv.take<float>(lora_down_backward_workspace(N, widest, d.rank));
   b.xf = cv.take<bf16>(N * H);
   b.dxf = cv.take<bf16>(N * H);
   b.xc = cv.take<bf16>(d.chunk * H);

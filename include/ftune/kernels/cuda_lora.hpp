@@ -1,0 +1,39 @@
+#pragma once
+// kernels module (CUDA backend): LoRA's rank-r products with dropout applied on the fly, so
+// dropout(x) is never written out (with p > 0 it used to cost a write and two re-reads of
+// x per projection, the largest LoRA overhead). With keep(n, c) the mask of
+// dropout_apply over the flat index n*in + c (cpu::dropout_keep, bit for bit) and
+// ks = 1 / (1 - p):
+//   lora_down_forward:  u[N, r]   = (ks keep o x) A^T            bf16 out, fp32 accumulation
+//   lora_down_backward: dA[r, in] += du^T (ks keep o x)          fp32 accumulator; fixed
+//                                                                 summation order (two passes)
+//   lora_dx_backward:   dx[N, in] += ks keep o (du A)            bf16, one rounding
+// CPU twin: cpu::dropout_apply then cpu::matmul_nt / matmul_tn / matmul_nn (tests compare).
+// Supported when lora_fused_supported(r, in); callers fall back to dropout_apply + GEMMs.
+// Plain C++ header; implemented in src/kernels/cuda/lora.cu.
+#include <cstdint>
+
+#include "ftune/kernels/cuda_device.hpp"
+
+namespace ftune::cuda {
+
+// r <= 16, in a multiple of 8 and the two row-major operands (x or dx, and A) 16-byte
+// aligned (16-byte rows throughout).
+bool lora_fused_supported(int64_t r, int64_t in, const void* x, const void* A);
+
+// x [N, in], A [r, in], u [N, r].
+void lora_down_forward(bf16* u, const bf16* x, const bf16* A, int64_t N, int64_t in, int64_t r,
+                       double p, uint64_t seed, stream_t stream);
+
+// Floats of workspace lora_down_backward needs for these sizes.
+int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r);
+// dA [r, in] fp32 (+=, scaled by alpha); du [N, r]; x [N, in].
+void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int64_t in,
+                        int64_t r, double p, uint64_t seed, float alpha, float* workspace,
+                        stream_t stream);
+
+// dx [N, in] (+=); du [N, r]; A [r, in].
+void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_t in, int64_t r,
+                      double p, uint64_t seed, stream_t stream);
+
+}  // namespace ftune::cuda

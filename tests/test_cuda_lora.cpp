@@ -1,0 +1,67 @@
+// The fused LoRA kernels (dropout applied on the fly) against their CPU twin: the explicit
+// cpu::dropout_apply followed by the CPU matmuls, in fp32 on the same bf16 inputs. Shapes
+// include ragged row counts, in not a multiple of the kernels' tiles, ranks 1..16, and
+// p = 0 / 0.05 / 0.5. Tolerance as in test_cuda_kernels.cpp (one bf16 rounding of outputs,
+// fp32 sums in another order); dA is fp32 throughout, so it gets 1e-4. Skips without a GPU.
+#include <doctest/doctest.h>
+
+#include <random>
+#include <vector>
+
+#include "cuda_test_util.hpp"
+#include "ftune/kernels/cpu_ops.hpp"
+#include "ftune/kernels/cuda_lora.hpp"
+
+using namespace ftune::test::cuda;
+namespace cpu = ftune::cpu;
+
+TEST_CASE("cuda: fused LoRA down/up products with dropout vs cpu") {
+  REQUIRE_GPU();
+  std::mt19937 rng(17);
+  struct Shape { int64_t N, in, r; };
+  for (const Shape sh : {Shape{1, 8, 1}, Shape{37, 136, 4}, Shape{300, 1032, 8},
+                         Shape{513, 264, 13}, Shape{1000, 2056, 16}, Shape{4096, 4096, 8}}) {
+    const auto [N, in, r] = sh;
+    CHECK(cu::lora_fused_supported(r, in, nullptr, nullptr));
+    const F x = rand_bf16(rng, N * in), A = rand_bf16(rng, r * in, 0.05f);
+    const F du = rand_bf16(rng, N * r), dx0 = rand_bf16(rng, N * in);
+    const F dA0 = rand_bf16(rng, r * in);
+    auto dX = up(x), dAw = up(A), dDu = up(du);
+    for (double p : {0.0, 0.05, 0.5}) {
+      const uint64_t seed = 1234567 + static_cast<uint64_t>(p * 100);
+      // CPU twin: xm = dropout(x); u = xm A^T; dA += du^T xm; dx += dropout(du A).
+      F xm(N * in), u_ref(N * r), dA_ref = dA0, t(N * in), dx_ref = dx0;
+      cpu::dropout_apply(xm.data(), x.data(), N * in, p, seed, false);
+      cpu::matmul_nt(u_ref.data(), xm.data(), A.data(), N, r, in, 1.f, false);
+      cpu::matmul_tn(dA_ref.data(), du.data(), xm.data(), r, in, N, 1.f, true);
+      cpu::matmul_nn(t.data(), du.data(), A.data(), N, in, r, 1.f, false);
+      cpu::dropout_apply(dx_ref.data(), t.data(), N * in, p, seed, true);
+
+      cu::DeviceBuffer dU(N * r * 2);
+      cu::lora_down_forward(dU.as<cu::bf16>(), dX.as<cu::bf16>(), dAw.as<cu::bf16>(), N, in, r, p,
+                            seed, nullptr);
+      cu::DeviceBuffer ws(cu::lora_down_backward_workspace(N, in, r) * sizeof(float));
+      auto dGA = cu::to_device(dA0);
+      cu::lora_down_backward(dGA.as<float>(), dDu.as<cu::bf16>(), dX.as<cu::bf16>(), N, in, r, p,
+                             seed, 1.f, ws.as<float>(), nullptr);
+      auto dDx = up(dx0);
+      cu::lora_dx_backward(dDx.as<cu::bf16>(), dDu.as<cu::bf16>(), dAw.as<cu::bf16>(), N, in, r,
+                           p, seed, nullptr);
+      const double eu = err(down(dU, N * r), u_ref);
+      const double ea = err(cu::to_host<float>(dGA, r * in), dA_ref);
+      const double ex = err(down(dDx, N * in), dx_ref);
+      INFO("N=" << N << " in=" << in << " r=" << r << " p=" << p);
+      CHECK(eu < kTol);
+      CHECK(ea < 1e-4);
+      CHECK(ex < kTol);
+      if (N == 4096 && p > 0 && p < 0.1)
+        MESSAGE("fused LoRA 4096x4096 r8 p=0.05: u err " << eu << ", dA err " << ea << ", dx err " << ex);
+    }
+  }
+}
+
+TEST_CASE("cuda: fused LoRA kernels refuse what they do not support") {
+  CHECK_FALSE(ftune::cuda::lora_fused_supported(17, 64, nullptr, nullptr));
+  CHECK_FALSE(ftune::cuda::lora_fused_supported(8, 12, nullptr, nullptr));
+  CHECK_FALSE(ftune::cuda::lora_fused_supported(8, 64, reinterpret_cast<void*>(2), nullptr));
+}
