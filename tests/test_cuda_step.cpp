@@ -34,9 +34,19 @@ Communicator& boot() {
   return *c;
 }
 
-TrainConfig qwen2_run(const std::string& name) {
+// shared: one output_dir for all ranks of a multi-rank run (rank 0 empties it, the others
+// wait); otherwise each rank gets its own (the one-rank runs every rank does alone).
+TrainConfig qwen2_run(const std::string& name, bool shared = false) {
   const fs::path dir = fs::path(test::source_dir()) / "tests/fixtures/qwen2_tiny";
-  TrainConfig c = test::reference_run_config(dir, test::scratch(name + "_r" + std::to_string(boot().rank())));
+  std::string out;
+  if (!shared) {
+    out = test::scratch(name + "_r" + std::to_string(boot().rank()));
+  } else {
+    if (boot().rank() == 0) out = test::scratch(name);
+    boot().all_gather_strings(out);  // barrier: the directory exists before anyone uses it
+    out = (fs::path(FTUNE_TEST_TMP) / name).string();
+  }
+  TrainConfig c = test::reference_run_config(dir, out);
   c.device = "cuda";
   c.flash_attn = false;  // the naive kernels are deterministic: runs repeat bit for bit
   return c;
@@ -136,7 +146,7 @@ TEST_CASE("ZeRO 0/1/2 over NCCL on 2 GPUs give the one-rank run") {
   const TrainResult ref = train_with(one, false);
   std::vector<float> stage0_params;
   for (int stage : {0, 1, 2}) {
-    TrainConfig c = qwen2_run("step_zero" + std::to_string(stage));
+    TrainConfig c = qwen2_run("step_zero" + std::to_string(stage), true);
     c.zero_stage = stage;
     const TrainResult r = train_with(c, false, &comm);
     const double dl = max_rel_loss_diff(r.losses, ref.losses);
