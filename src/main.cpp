@@ -88,6 +88,14 @@ int cmd_init_model(const std::vector<std::string>& args) {
   app.add_option("--tie_word_embeddings", c.tie_word_embeddings)->capture_default_str();
   app.add_option("--seed", seed)->capture_default_str();
   app.add_option("--initializer_range", std_dev)->capture_default_str();
+  std::string dtype = "float32";
+  bool fast_init = false;
+  app.add_option("--dtype", dtype, "dtype of the safetensors tensors (bfloat16: half the size)")
+      ->check(CLI::IsMember({"float32", "bfloat16"}))->capture_default_str();
+  app.add_option("--fast_init", fast_init,
+                 "counter-based parallel init (OpenMP), written tensor by tensor without the "
+                 "model in memory; other values than the default mt19937 sequence")
+      ->capture_default_str();
   std::vector<std::string> argv_rev(args.rbegin(), args.rend());
   try {
     app.parse(argv_rev);
@@ -98,11 +106,19 @@ int cmd_init_model(const std::vector<std::string>& args) {
   c.attention_bias = c.model_type == "qwen2";
   c.qk_norm = c.model_type == "qwen3";
   c.rope.type = rope_type;
-  ftune::BaseWeights w;
-  w.allocate(c);
-  ftune::init_random_weights(w, seed, std_dev);
-  ftune::save_hf_model(out, w);
-  std::cout << "wrote " << out << " (" << w.storage.size() << " parameters)\n";
+  const ftune::DType st_dtype = dtype == "bfloat16" ? ftune::DType::BF16 : ftune::DType::F32;
+  const auto layout = ftune::BaseWeights::layout(c);
+  const size_t params = layout.back().offset + layout.back().numel();
+  if (fast_init) {
+    ftune::save_random_hf_model(out, c, seed, std_dev, st_dtype);
+  } else {
+    // The default keeps the serial mt19937 values existing models and tests were made with.
+    ftune::BaseWeights w;
+    w.allocate(c);
+    ftune::init_random_weights(w, seed, std_dev);
+    ftune::save_hf_model(out, w, st_dtype);
+  }
+  std::cout << "wrote " << out << " (" << params << " parameters)\n";
   return 0;
 }
 

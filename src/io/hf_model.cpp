@@ -1,6 +1,7 @@
 // Hugging Face model directories: config.json <-> ModelConfig, safetensors <-> BaseWeights.
 #include "ftune/io/hf_model.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -144,6 +145,31 @@ std::vector<TensorToWrite> tensors_of(const BaseWeights& w) {
   return t;
 }
 
+// Streams tensors held in memory (to convert them while writing, one slice at a time).
+std::vector<TensorToStream> copy_sources(const std::vector<TensorToWrite>& tensors) {
+  std::vector<TensorToStream> r;
+  r.reserve(tensors.size());
+  for (const TensorToWrite& t : tensors) {
+    const float* data = t.data;
+    auto fill = [data](float* dst, size_t begin, size_t count) {
+      std::copy(data + begin, data + begin + count, dst);
+    };
+    r.push_back({t.name, t.shape, fill});
+  }
+  return r;
+}
+
+// The names transformers gives a dtype in config.json (torch_dtype / dtype).
+const char* torch_dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "float32";
+    case DType::BF16: return "bfloat16";
+    default:
+      throw std::runtime_error(std::string("HF model files are written as F32 or BF16, not ") +
+                               dtype_name(d));
+  }
+}
+
 }  // namespace
 
 ModelConfig load_model_config(const std::string& dir) {
@@ -221,7 +247,8 @@ ModelConfig load_model_config(const std::string& dir) {
   return c;
 }
 
-std::string model_config_to_json(const ModelConfig& c) {
+std::string model_config_to_json(const ModelConfig& c, DType dtype) {
+  const char* dtype_str = torch_dtype_name(dtype);
   const char* arch = architecture_of(c.model_type);
   if (!arch) throw std::runtime_error("model_config_to_json: unsupported model_type '" +
                                       c.model_type + "'");
@@ -255,8 +282,8 @@ std::string model_config_to_json(const ModelConfig& c) {
       {"eos_token_id", id(c.eos_token_id)},
       {"pad_token_id", id(c.pad_token_id)},
       {"rope_parameters", rope},
-      {"dtype", "float32"},
-      {"torch_dtype", "float32"},  // the name transformers 4.x reads
+      {"dtype", dtype_str},
+      {"torch_dtype", dtype_str},  // the name transformers 4.x reads
   };
   if (c.model_type == "llama") {
     j["attention_bias"] = c.attention_bias;
@@ -317,11 +344,36 @@ BaseWeights load_base_weights(const std::string& dir, const ModelConfig& cfg) {
   return w;
 }
 
-void save_hf_model(const std::string& dir, const BaseWeights& w) {
+void save_hf_model(const std::string& dir, const BaseWeights& w, DType dtype) {
+  const std::string config = model_config_to_json(w.cfg, dtype);  // checks dtype first
   fs::create_directories(dir);
+  const std::string file = (fs::path(dir) / "model.safetensors").string();
   const std::vector<TensorToWrite> tensors = tensors_of(w);
-  write_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
-  io::write_text_atomic((fs::path(dir) / "config.json").string(), model_config_to_json(w.cfg));
+  if (dtype == DType::F32) {
+    write_safetensors(file, tensors, {{"format", "pt"}});  // straight from w, no copy
+  } else {
+    write_safetensors_streamed(file, copy_sources(tensors), dtype, {{"format", "pt"}});
+  }
+  io::write_text_atomic((fs::path(dir) / "config.json").string(), config);
+}
+
+void save_random_hf_model(const std::string& dir, const ModelConfig& c, uint64_t seed,
+                          double std, DType dtype) {
+  const std::string config = model_config_to_json(c, dtype);
+  fs::create_directories(dir);
+  const std::vector<BaseWeights::Entry> entries = BaseWeights::layout(c);
+  std::vector<TensorToStream> tensors;
+  tensors.reserve(entries.size());
+  for (size_t t = 0; t < entries.size(); ++t) {
+    // Tensor t is made slice by slice as the writer asks: the model is never in memory.
+    auto fill = [&entries, t, seed, std](float* dst, size_t begin, size_t count) {
+      init_random_slice_fast(entries[t], t, seed, std, begin, count, dst);
+    };
+    tensors.push_back({entries[t].name, entries[t].shape, fill});
+  }
+  write_safetensors_streamed((fs::path(dir) / "model.safetensors").string(), tensors, dtype,
+                             {{"format", "pt"}});
+  io::write_text_atomic((fs::path(dir) / "config.json").string(), config);
 }
 
 }  // namespace ftune

@@ -1,6 +1,7 @@
-// safetensors reader (mmap) and fp32 writer. Format: u64 little-endian header length N,
-// N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
-// then the byte buffer the offsets index into.
+// safetensors reader (mmap) and writers (fp32 from memory; fp32 or bf16 streamed).
+// Format: u64 little-endian header length N, N bytes of JSON
+// {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the byte
+// buffer the offsets index into.
 #include "ftune/io/safetensors.hpp"
 
 #include <fcntl.h>
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
@@ -317,42 +319,131 @@ std::vector<std::string> SafetensorsSet::names() const {
 // ---------------------------------------------------------------------------------------
 // Writer
 
-void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
-  std::vector<const TensorToWrite*> sorted;
-  sorted.reserve(tensors.size());
-  for (const auto& t : tensors) sorted.push_back(&t);
-  std::sort(sorted.begin(), sorted.end(),
-            [](const TensorToWrite* a, const TensorToWrite* b) { return a->name < b->name; });
+namespace {
 
+// What the header needs of a tensor to write, whichever way its data comes.
+struct HeaderEntry {
+  const std::string* name;
+  const std::vector<int64_t>* shape;
+  size_t index;  // into the caller's tensor list
+};
+
+// Sorts `entries` by name (the safetensors convention), checks names and shapes, and
+// returns the padded header with the 8-byte length prefix to write first.
+std::string header_bytes(const std::string& path, std::vector<HeaderEntry>& entries, DType dtype,
+                         const std::map<std::string, std::string>& metadata) {
+  std::sort(entries.begin(), entries.end(),
+            [](const HeaderEntry& a, const HeaderEntry& b) { return *a.name < *b.name; });
   json header = json::object();  // nlohmann's default object is a std::map: keys sorted
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (size_t i = 0; i < sorted.size(); ++i) {
-    const TensorToWrite& t = *sorted[i];
-    if (t.name.empty() || t.name == "__metadata__")
-      throw std::runtime_error("write_safetensors " + path + ": invalid tensor name '" + t.name + "'");
-    if (i > 0 && sorted[i - 1]->name == t.name)
-      throw std::runtime_error("write_safetensors " + path + ": duplicate tensor '" + t.name + "'");
-    for (int64_t d : t.shape)
-      if (d < 0) throw std::runtime_error("write_safetensors " + path + ": tensor '" + t.name +
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const std::string& name = *entries[i].name;
+    if (name.empty() || name == "__metadata__")
+      throw std::runtime_error("write_safetensors " + path + ": invalid tensor name '" + name + "'");
+    if (i > 0 && *entries[i - 1].name == name)
+      throw std::runtime_error("write_safetensors " + path + ": duplicate tensor '" + name + "'");
+    for (int64_t d : *entries[i].shape)
+      if (d < 0) throw std::runtime_error("write_safetensors " + path + ": tensor '" + name +
                                           "' has a negative dimension");
-    const uint64_t bytes = static_cast<uint64_t>(shape_numel(t.shape)) * 4;
-    if (bytes > 0 && t.data == nullptr)
-      throw std::runtime_error("write_safetensors " + path + ": tensor '" + t.name + "' has no data");
-    header[t.name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
+    const uint64_t bytes = static_cast<uint64_t>(shape_numel(*entries[i].shape)) * dtype_size(dtype);
+    header[name] = {{"dtype", dtype_name(dtype)},
+                    {"shape", *entries[i].shape},
+                    {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
   std::string hs = header.dump();
   // Pad with spaces so the data section starts 8-byte aligned (8-byte prefix + header).
   hs.append((8 - hs.size() % 8) % 8, ' ');
   const uint64_t header_len = hs.size();
+  return std::string(reinterpret_cast<const char*>(&header_len), 8) + hs;
+}
+
+// Elements per slice of write_safetensors_streamed: 16 MB of fp32, big enough that a
+// parallel fill and one write() amortise their start-up, small enough to stay in memory.
+constexpr size_t kStreamSlice = size_t{1} << 22;
+
+// One slice in flight: its fp32 values and, for BF16, their conversion.
+struct SliceBuffer {
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16;
+  // Fills elements [begin, begin + count) of t; returns the bytes to write.
+  std::pair<const void*, size_t> make(const TensorToStream& t, size_t begin, size_t count,
+                                      DType dtype) {
+    f32.resize(count);
+    t.fill(f32.data(), begin, count);
+    if (dtype == DType::F32) return {f32.data(), count * 4};
+    bf16.resize(count);
+    const int64_t n = static_cast<int64_t>(count);
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) bf16[i] = float_to_bf16(f32[i]);
+    return {bf16.data(), count * 2};
+  }
+};
+
+}  // namespace
+
+uint16_t float_to_bf16(float f) {
+  const uint32_t bits = std::bit_cast<uint32_t>(f);
+  // A NaN whose payload sits in the low 16 bits would round to inf: keep it a (quiet) NaN.
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  // Adding 0x7fff plus the lowest kept bit rounds half-way cases to the even neighbour.
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<HeaderEntry> sorted;
+  sorted.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const TensorToWrite& t = tensors[i];
+    if (shape_numel(t.shape) > 0 && t.data == nullptr)
+      throw std::runtime_error("write_safetensors " + path + ": tensor '" + t.name + "' has no data");
+    sorted.push_back({&t.name, &t.shape, i});
+  }
+  const std::string header = header_bytes(path, sorted, DType::F32, metadata);
 
   io::AtomicFileWriter out(path);
-  out.write(&header_len, 8);
-  out.write(hs.data(), hs.size());
-  for (const TensorToWrite* t : sorted)
-    out.write(t->data, static_cast<size_t>(shape_numel(t->shape)) * 4);
+  out.write(header.data(), header.size());
+  for (const HeaderEntry& e : sorted)
+    out.write(tensors[e.index].data, static_cast<size_t>(shape_numel(*e.shape)) * 4);
+  out.commit();
+}
+
+void write_safetensors_streamed(const std::string& path,
+                                const std::vector<TensorToStream>& tensors, DType dtype,
+                                const std::map<std::string, std::string>& metadata) {
+  if (dtype != DType::F32 && dtype != DType::BF16)
+    throw std::runtime_error("write_safetensors " + path + ": can write F32 or BF16, not " +
+                             dtype_name(dtype));
+  std::vector<HeaderEntry> sorted;
+  sorted.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (shape_numel(tensors[i].shape) > 0 && !tensors[i].fill)
+      throw std::runtime_error("write_safetensors " + path + ": tensor '" + tensors[i].name +
+                               "' has no data");
+    sorted.push_back({&tensors[i].name, &tensors[i].shape, i});
+  }
+  const std::string header = header_bytes(path, sorted, dtype, metadata);
+
+  io::AtomicFileWriter out(path);
+  out.write(header.data(), header.size());
+  // Two buffers: a helper thread writes one slice while this thread fills the next. Declared
+  // after `out` so an exception waits for the write in flight before `out` goes away.
+  SliceBuffer buffers[2];
+  std::future<void> writing;
+  size_t slice = 0;
+  for (const HeaderEntry& e : sorted) {
+    const TensorToStream& t = tensors[e.index];
+    const size_t n = static_cast<size_t>(shape_numel(t.shape));
+    for (size_t begin = 0; begin < n; begin += kStreamSlice, ++slice) {
+      const auto [data, bytes] =
+          buffers[slice % 2].make(t, begin, std::min(kStreamSlice, n - begin), dtype);
+      if (writing.valid()) writing.get();  // frees the other buffer; rethrows a write error
+      writing = std::async(std::launch::async, [&out, data, bytes] { out.write(data, bytes); });
+    }
+  }
+  if (writing.valid()) writing.get();
   out.commit();
 }
 

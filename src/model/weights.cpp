@@ -42,17 +42,20 @@ int64_t proj_out_features(const ModelConfig& c, Proj p) {
   }
 }
 
-std::vector<BaseWeights::Entry> BaseWeights::allocate(const ModelConfig& c) {
+size_t BaseWeights::Entry::numel() const {
+  size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  return n;
+}
+
+std::vector<BaseWeights::Entry> BaseWeights::layout(const ModelConfig& c) {
   if (c.hidden_size <= 0 || c.num_hidden_layers <= 0 || c.vocab_size <= 0 || c.head_dim <= 0)
     throw std::runtime_error("model config has non-positive sizes");
-  cfg = c;
   std::vector<Entry> entries;
   size_t total = 0;
   auto add = [&](std::string name, std::vector<int64_t> shape) {
-    size_t n = 1;
-    for (int64_t d : shape) n *= static_cast<size_t>(d);
     entries.push_back({std::move(name), total, std::move(shape)});
-    total += n;
+    total += entries.back().numel();
   };
   const int64_t H = c.hidden_size, V = c.vocab_size;
   add("model.embed_tokens.weight", {V, H});
@@ -73,8 +76,13 @@ std::vector<BaseWeights::Entry> BaseWeights::allocate(const ModelConfig& c) {
   }
   add("model.norm.weight", {H});
   if (!c.tie_word_embeddings) add("lm_head.weight", {V, H});
+  return entries;
+}
 
-  storage.assign(total, 0.0f);
+std::vector<BaseWeights::Entry> BaseWeights::allocate(const ModelConfig& c) {
+  std::vector<Entry> entries = layout(c);
+  cfg = c;
+  storage.assign(entries.back().offset + entries.back().numel(), 0.0f);
   // Point the named views into storage. Entries were added in a fixed order, so walk them.
   layers.assign(c.num_hidden_layers, LayerWeights{});
   size_t i = 0;

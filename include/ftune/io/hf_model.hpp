@@ -3,6 +3,7 @@
 // ModelConfig/BaseWeights.
 #include <string>
 
+#include "ftune/io/safetensors.hpp"
 #include "ftune/model/model_config.hpp"
 #include "ftune/model/weights.hpp"
 
@@ -18,8 +19,15 @@ ModelConfig load_model_config(const std::string& dir);
 BaseWeights load_base_weights(const std::string& dir);
 BaseWeights load_base_weights(const std::string& dir, const ModelConfig& cfg);
 
-// Writes an HF model directory (config.json + model.safetensors, fp32); used by
+// Writes an HF model directory (config.json + model.safetensors) with the tensors stored as
+// dtype: F32, or BF16 (rounded to nearest even, converted slice by slice while writing, so
+// no second copy of the model is made); config.json's torch_dtype says which. Used by
 // `ftune init-model` and tests.
-void save_hf_model(const std::string& dir, const BaseWeights& w);
-std::string model_config_to_json(const ModelConfig& c);
+void save_hf_model(const std::string& dir, const BaseWeights& w, DType dtype = DType::F32);
+// The directory save_hf_model would write for weights made by init_random_weights_fast,
+// generated tensor slice by tensor slice while writing: memory stays a few MB whatever the
+// model size (`ftune init-model --fast_init true`).
+void save_random_hf_model(const std::string& dir, const ModelConfig& c, uint64_t seed,
+                          double std, DType dtype = DType::F32);
+std::string model_config_to_json(const ModelConfig& c, DType dtype = DType::F32);
 }  // namespace ftune

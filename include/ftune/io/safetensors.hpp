@@ -1,7 +1,9 @@
 #pragma once
 // io module: safetensors reading (memory-mapped, single or sharded through
-// model.safetensors.index.json) and writing (fp32), with dtype conversion to fp32.
+// model.safetensors.index.json) and writing (fp32, or bf16 streamed), with dtype conversion
+// to fp32.
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -71,5 +73,24 @@ struct TensorToWrite {
 // atomically: into path + ".tmp", fsync, rename.
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// fp32 -> bf16 bits, rounding to nearest even as torch's .to(torch.bfloat16); NaN stays NaN.
+uint16_t float_to_bf16(float f);
+
+// A tensor made on demand: fill(dst, begin, count) writes its row-major elements
+// [begin, begin + count) as fp32 into dst. Lets a model be written that is never whole in
+// memory (init-model of 8B shapes).
+struct TensorToStream {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::function<void(float* dst, size_t begin, size_t count)> fill;
+};
+// As write_safetensors, with the tensors stored as `dtype` (F32, or BF16 rounded by
+// float_to_bf16), filled slice by slice: memory stays two slices of a few MB whatever the
+// model size, and the write of one slice overlaps the fill of the next. With F32 the file
+// is byte-identical to write_safetensors of the same values.
+void write_safetensors_streamed(const std::string& path,
+                                const std::vector<TensorToStream>& tensors, DType dtype,
+                                const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace ftune

@@ -40,9 +40,18 @@ struct BaseWeights {
   const float* lm_head = nullptr;             // [V, H]; == embed when tied
   std::vector<LayerWeights> layers;
 
+  // An HF tensor of the model: its name, shape and offset (in floats) into `storage`.
+  struct Entry {
+    std::string name;
+    size_t offset;
+    std::vector<int64_t> shape;
+    size_t numel() const;
+  };
+  // The entries allocate(c) returns, in the same order, without allocating anything: for
+  // code that walks the tensors of a model too large to hold (init-model writes 8B models).
+  static std::vector<Entry> layout(const ModelConfig& c);
   // Lays out `storage` for cfg and points every view into it (values zeroed).
   // Returns the HF tensor names with their offsets/sizes, for loaders and writers.
-  struct Entry { std::string name; size_t offset; std::vector<int64_t> shape; };
   std::vector<Entry> allocate(const ModelConfig& c);
 };
 
@@ -51,5 +60,18 @@ struct BaseWeights {
 namespace ftune {
 // Random initialisation as transformers does for a fresh model: linear and embedding
 // weights ~ N(0, std), norms = 1, biases = 0. Used by `ftune init-model` and tests.
+// One std::mt19937_64 sequence over the tensors in layout order, serial: existing models
+// and tests depend on its exact values.
 void init_random_weights(BaseWeights& w, uint64_t seed, double std);
+
+// The same distribution from a counter-based generator (`init-model --fast_init true`):
+// element i of layout tensor t is a pure function of (seed, t, i), so the fill runs in
+// parallel (OpenMP) with the same values for any thread count, and any slice of any tensor
+// can be made alone, without the rest of the model in memory. Values differ from
+// init_random_weights.
+void init_random_weights_fast(BaseWeights& w, uint64_t seed, double std);
+// Elements [begin, begin + count) of tensor `e` = BaseWeights::layout(cfg)[tensor_index]
+// into dst[0, count), exactly as init_random_weights_fast would set them.
+void init_random_slice_fast(const BaseWeights::Entry& e, size_t tensor_index, uint64_t seed,
+                            double std, size_t begin, size_t count, float* dst);
 }  // namespace ftune
