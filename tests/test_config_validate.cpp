@@ -110,7 +110,6 @@ TEST_CASE("accepted but not yet supported: rejected with the key and 'planned'")
   };
   const std::vector<Case> cases = {
       {[](TrainConfig& c) { c.zero_stage = 3; }, "zero_stage = 3"},
-      {[](TrainConfig& c) { c.load_in_8bit = true; }, "load_in_8bit = true"},
       {[](TrainConfig& c) { c.load_in_4bit = true; }, "load_in_4bit = true"},
       {[](TrainConfig& c) { c.offload_optimizer = "cpu"; }, "offload_optimizer = \"cpu\""},
       {[](TrainConfig& c) { c.offload_param = "cpu"; }, "offload_param = \"cpu\""},

@@ -24,10 +24,11 @@ ARGS=(--model_name_or_path "$S/model" --train_file_dir "$S/data" --max_steps 100
       --lr_scheduler_type constant --save_steps 3 --save_total_limit 2 --logging_steps 1
       --overwrite_output_dir true)
 
-# pid of the process (below $1) whose environment has $2=$3
+# pid of this test's ftune rank writing to output dir $1 whose environment has $2=$3 (the
+# output dir keeps other jobs on the machine, e.g. another test under ctest -j, out of reach)
 pid_with_env() {
-  local root=$1 var=$2 val=$3 p
-  for p in $(pgrep -f "$FTUNE train"); do
+  local out=$1 var=$2 val=$3 p
+  for p in $(pgrep -f "$FTUNE train .*--output_dir $out"); do
     tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -qx "$var=$val" && { echo "$p"; return; }
   done
 }
@@ -53,7 +54,7 @@ mpirun --oversubscribe --allow-run-as-root -np 2 "$FTUNE" train "${ARGS[@]}" --o
   > "$S/mpi.log" 2>&1 &
 job=$!
 wait_for_steps "$S/mpi/metrics.jsonl" 10 || { kill $job; cat "$S/mpi.log"; fail "mpirun run did not start"; }
-victim=$(pid_with_env "$job" OMPI_COMM_WORLD_RANK 1)
+victim=$(pid_with_env "$S/mpi" OMPI_COMM_WORLD_RANK 1)
 [ -n "$victim" ] || { kill $job; fail "rank 1 not found"; }
 t0=$(date +%s.%N); kill -9 "$victim"
 wait $job; rc=$?
@@ -79,7 +80,7 @@ MASTER_ADDR=127.0.0.1 MASTER_PORT=$P NODE_RANK=0 WORLD_SIZE=1 NPROC_PER_NODE=2 F
   bash "$SRC/tools/torchrun_multi_node_multi_gpu.sh" "${ARGS[@]}" --output_dir "$S/tcp" > "$S/tcp.log" 2>&1 &
 job=$!
 wait_for_steps "$S/tcp/metrics.jsonl" 10 || { kill $job; cat "$S/tcp.log"; fail "wrapper run did not start"; }
-victim=$(pid_with_env "$job" RANK 1)
+victim=$(pid_with_env "$S/tcp" RANK 1)
 [ -n "$victim" ] || { kill $job; fail "rank 1 not found"; }
 t0=$(date +%s.%N); kill -9 "$victim"
 wait $job; rc=$?

@@ -24,8 +24,6 @@ struct NotYet {
 const NotYet kNotYetSupported[] = {
     {"zero_stage", [](const TrainConfig& c) { return c.zero_stage == 3; },
      "ZeRO-3 (sharded frozen weights) is planned; use zero_stage = 0, 1 or 2"},
-    {"load_in_8bit", [](const TrainConfig& c) { return c.load_in_8bit; },
-     "8-bit quantised base weights are planned; use load_in_8bit = false"},
     {"load_in_4bit", [](const TrainConfig& c) { return c.load_in_4bit; },
      "4-bit (QLoRA) base weights are planned; use load_in_4bit = false"},
     {"offload_optimizer", [](const TrainConfig& c) { return c.offload_optimizer != "none"; },

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "device_weights.cuh"
+#include "ftune/kernels/cpu_quant.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
 #include "model_kernels.cuh"
 
@@ -17,7 +18,8 @@ struct Job {
 size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 }  // namespace
 
-DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream) {
+DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream, bool int8_projections)
+    : int8(int8_projections) {
   const ModelConfig& c = w.cfg;
   const int64_t H = c.hidden_size, V = c.vocab_size, d = c.head_dim;
   std::vector<Job> jobs;
@@ -39,7 +41,7 @@ DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream) {
     for (Proj p : kAllProj) {
       const int pi = static_cast<int>(p);
       const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
-      add(L.w[pi], out * in, &D.w[pi]);
+      if (!int8) add(L.w[pi], out * in, &D.w[pi]);
       add(L.b[pi], out, &D.b[pi]);
     }
   }
@@ -66,6 +68,44 @@ DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream) {
   }
   if (tied) lm_head = embed;
   stream_sync(stream);  // `stage` is freed on return
+  if (int8) upload_int8(w, stream);
+}
+
+// One allocation for every layer's int8 rows and scales; quantised on the host one
+// projection at a time (host memory stays one matrix), each copy waited for before reuse.
+void DeviceWeights::upload_int8(const BaseWeights& w, stream_t stream) {
+  const ModelConfig& c = w.cfg;
+  size_t total = 0;
+  for (size_t l = 0; l < w.layers.size(); ++l)
+    for (Proj p : kAllProj) {
+      if (!w.layers[l].w[static_cast<int>(p)]) continue;
+      const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
+      total += align256(out * in) + align256(out * sizeof(float));
+    }
+  q8_buf_ = DeviceBuffer(total);
+  char* base = q8_buf_.as<char>();
+  size_t off = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  for (size_t l = 0; l < w.layers.size(); ++l)
+    for (Proj p : kAllProj) {
+      const int pi = static_cast<int>(p);
+      const float* m = w.layers[l].w[pi];
+      if (!m) continue;
+      const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
+      q.resize(out * in);
+      scale.resize(out);
+      cpu::quantize_int8_rows(q.data(), scale.data(), m, out, in);
+      auto* dq = reinterpret_cast<int8_t*>(base + off);
+      off += align256(out * in);
+      auto* ds = reinterpret_cast<float*>(base + off);
+      off += align256(out * sizeof(float));
+      h2d(dq, q.data(), out * in, stream);
+      h2d(ds, scale.data(), out * sizeof(float), stream);
+      stream_sync(stream);  // q and scale are reused for the next matrix
+      layers[l].q8[pi] = dq;
+      layers[l].scale8[pi] = ds;
+    }
 }
 
 }  // namespace ftune::cuda::model

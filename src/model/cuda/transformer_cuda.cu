@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -16,6 +17,7 @@
 #include "ftune/kernels/cuda_attention.hpp"
 #include "ftune/kernels/cuda_gemm.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
+#include "ftune/kernels/cuda_quant.hpp"
 #include "ftune/kernels/cuda_ops.hpp"
 #include "ftune/model/transformer_cpu.hpp"  // rope_inv_freq (host code, ftune_model)
 #include "ftune/model/transformer_cuda.hpp"
@@ -72,22 +74,54 @@ struct CudaTransformer::Impl {
   std::string dev_name;
   cm::PhaseProfiler prof;
 
-  Impl(const BaseWeights& weights, bool ckpt, bool flash_attn, int dev)
+  // load_in_8bit: layer l's projections dequantised into `dequant` (bf16) before use.
+  cu::DeviceBuffer dequant;
+  int dequant_layer = -1;
+  std::array<size_t, kNumProj> dequant_off{};
+
+  Impl(const BaseWeights& weights, bool ckpt, bool flash_attn, int dev, bool int8)
       : device(select_device(dev)),
         c(weights.cfg),
         checkpointing(ckpt),
         flash(flash_attn && (weights.cfg.head_dim == 64 || weights.cfg.head_dim == 128)),
-        w(weights, stream.get()),
+        w(weights, stream.get(), int8),
         inv_freq(rope_inv_freq(weights.cfg)) {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
+    if (int8) {
+      size_t off = 0;
+      for (Proj p : kAllProj) {
+        dequant_off[static_cast<int>(p)] = off;
+        off += (proj_in_features(c, p) * proj_out_features(c, p) * sizeof(bf16) + 255) / 256 * 256;
+      }
+      dequant = cu::DeviceBuffer(off);
+    }
     note_memory();
+  }
+
+  // Projection p's bf16 weight for layer l. Under int8 the whole layer is dequantised into
+  // one scratch on first use; the stream orders this after the previous layer's readers.
+  const bf16* weight(int l, Proj p) {
+    const int pi = static_cast<int>(p);
+    if (!w.int8) return w.layers[l].w[pi];
+    if (dequant_layer != l) {
+      Scope ps(&prof, cm::Phase::dequant, stream.get());
+      for (Proj q : kAllProj) {
+        const int qi = static_cast<int>(q);
+        if (!w.layers[l].q8[qi]) continue;
+        cu::dequantize_int8_rows(reinterpret_cast<bf16*>(dequant.as<char>() + dequant_off[qi]),
+                                 w.layers[l].q8[qi], w.layers[l].scale8[qi],
+                                 proj_out_features(c, q), proj_in_features(c, q), stream.get());
+      }
+      dequant_layer = l;
+    }
+    return reinterpret_cast<const bf16*>(dequant.as<char>() + dequant_off[pi]);
   }
 
   // Bytes this backend holds now; cuBLASLt's workspace counted at its fixed size.
   void note_memory() {
-    const size_t now = w.bytes() + rope_cos.bytes() + rope_sin.bytes() + arena.bytes() +
+    const size_t now = w.bytes() + dequant.bytes() + rope_cos.bytes() + rope_sin.bytes() + arena.bytes() +
                        p32.bytes() + p16.bytes() + g32.bytes() + cu::Gemm::kDefaultWorkspace;
     peak = std::max(peak, now);
   }
@@ -180,7 +214,7 @@ struct CudaTransformer::Impl {
     const int pi = static_cast<int>(p);
     const uint64_t seed = mix_seed(lc.seed, static_cast<uint64_t>(layer) * kNumProj + pi);
     return cm::LinearOp{gemm, stream.get(), dims.N, proj_in_features(c, p),
-                        proj_out_features(c, p), w.layers[layer].w[pi], w.layers[layer].b[pi],
+                        proj_out_features(c, p), weight(layer, p), w.layers[layer].b[pi],
                         lc.adapter->slot(layer, p), seed, b.xd, b.du, &prof, b.lora_ws};
   }
   void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x) {
@@ -351,8 +385,9 @@ struct CudaTransformer::Impl {
 };
 
 CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing,
-                                 bool flash_attn, int device)
-    : impl_(std::make_unique<Impl>(weights, gradient_checkpointing, flash_attn, device)) {}
+                                 bool flash_attn, int device, bool int8_weights)
+    : impl_(std::make_unique<Impl>(weights, gradient_checkpointing, flash_attn, device,
+                                   int8_weights)) {}
 CudaTransformer::~CudaTransformer() = default;
 
 std::string CudaTransformer::name() const { return impl_->dev_name; }
@@ -427,8 +462,9 @@ LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& a
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const BaseWeights& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
-                                                int device) {
-  return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device);
+                                                int device, bool int8_weights) {
+  return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device,
+                                           int8_weights);
 }
 
 }  // namespace ftune
