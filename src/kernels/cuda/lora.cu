@@ -21,6 +21,21 @@ __device__ __forceinline__ void keep8(float (&k)[8], uint64_t seed, uint64_t i, 
   }
 }
 
+// a[k][0..8) = A[k, c..c+8) for k < r, zeros for the padding ranks r..R-1.
+template <int R>
+__device__ __forceinline__ void load_a8(float (&a)[R][8], const __nv_bfloat16* A, int64_t in,
+                                        int64_t c, int r) {
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (k < r) {
+      load8(A + k * in + c, a[k]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a[k][e] = 0.f;
+    }
+  }
+}
+
 // One warp per ROWS rows; lanes stride over 8-column groups; A is read through L1 once per
 // ROWS rows. Then a warp reduction per output.
 template <int R, int ROWS>
@@ -38,13 +53,7 @@ __global__ void down_forward_kernel(__nv_bfloat16* u, const __nv_bfloat16* x,
     for (int k = 0; k < R; ++k) acc[j][k] = 0.f;
   for (int64_t c = lane * 8; c < in; c += 32 * 8) {
     float a[R][8];
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      if (k < r) load8(A + k * in + c, a[k]);
-      else
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a[k][e] = 0.f;
-    }
+    load_a8<R>(a, A, in, c, r);
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
       const int64_t n = row0 + j;
@@ -134,13 +143,7 @@ __global__ void dx_backward_kernel(__nv_bfloat16* dx, const __nv_bfloat16* du,
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kDxThreads + threadIdx.x) * 8;
   if (c >= in) return;
   float a[R][8];
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    if (k < r) load8(A + k * in + c, a[k]);
-    else
-#pragma unroll
-      for (int e = 0; e < 8; ++e) a[k][e] = 0.f;
-  }
+  load_a8<R>(a, A, in, c, r);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kDxRows;
   const int64_t n1 = N < n0 + kDxRows ? N : n0 + kDxRows;
   for (int64_t n = n0; n < n1; ++n) {
