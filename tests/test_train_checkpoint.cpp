@@ -415,3 +415,32 @@ TEST_CASE("prune_checkpoints keeps the newest complete ones and drops stale .tmp
   CHECK(find_latest_checkpoint(out.string()) == (out / "checkpoint-25").string());
   prune_checkpoints((out / "missing").string(), 1);  // no output dir: nothing to do
 }
+
+TEST_CASE("recover_checkpoints undoes a re-save killed halfway, and tidies a finished one") {
+  const fs::path out = test::scratch("ckpt_recover");
+  // Killed after the old copy was moved aside, before the new one was renamed in.
+  make_checkpoint(out, 4, true);
+  fs::rename(out / "checkpoint-4", out / "checkpoint-4.old");
+  // Killed after the rename, before COMPLETE: the new copy is incomplete.
+  make_checkpoint(out, 8, true);
+  fs::rename(out / "checkpoint-8", out / "checkpoint-8.old");
+  make_checkpoint(out, 8, false);
+  // Finished: both complete, the .old is left over.
+  make_checkpoint(out, 12, true);
+  make_checkpoint(out, 13, true);
+  fs::rename(out / "checkpoint-13", out / "checkpoint-12.old");
+  // An incomplete .old is not ours to judge.
+  make_checkpoint(out, 16, false);
+  fs::rename(out / "checkpoint-16", out / "checkpoint-16.old");
+
+  recover_checkpoints(out.string());
+  CHECK(fs::is_regular_file(out / "checkpoint-4" / "COMPLETE"));
+  CHECK_FALSE(fs::exists(out / "checkpoint-4.old"));
+  CHECK(fs::is_regular_file(out / "checkpoint-8" / "COMPLETE"));
+  CHECK_FALSE(fs::exists(out / "checkpoint-8.old"));
+  CHECK(fs::is_regular_file(out / "checkpoint-12" / "COMPLETE"));
+  CHECK_FALSE(fs::exists(out / "checkpoint-12.old"));
+  CHECK(fs::exists(out / "checkpoint-16.old"));
+  CHECK(find_latest_checkpoint(out.string()) == (out / "checkpoint-12").string());
+  recover_checkpoints((out / "missing").string());  // no output dir: nothing to do
+}

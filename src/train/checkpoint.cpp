@@ -472,6 +472,29 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
   return all.rbegin()->second.string();
 }
 
+void recover_checkpoints(const std::string& output_dir) {
+  std::error_code ec;
+  if (!fs::is_directory(output_dir, ec)) return;
+  std::vector<fs::path> olds;
+  for (const fs::directory_entry& e : fs::directory_iterator(output_dir)) {
+    const std::string name = e.path().filename().string();
+    if (e.is_directory() && name.ends_with(".old") && step_of(name.substr(0, name.size() - 4)) >= 0)
+      olds.push_back(e.path());
+  }
+  for (const fs::path& old : olds) {
+    const fs::path final_dir = old.parent_path() / old.stem();  // checkpoint-STEP
+    if (fs::is_regular_file(final_dir / "COMPLETE")) {
+      fs::remove_all(old);  // the replacement finished: the old copy is no longer needed
+      continue;
+    }
+    // The re-save died between moving the old copy aside and completing the new one: the old
+    // copy is the only complete checkpoint of that step. Put it back.
+    if (!fs::is_regular_file(old / "COMPLETE")) continue;  // not ours to judge
+    fs::remove_all(final_dir);
+    fs::rename(old, final_dir);
+  }
+}
+
 void prune_checkpoints(const std::string& output_dir, int64_t keep) {
   std::error_code ec;
   if (!fs::is_directory(output_dir, ec)) return;

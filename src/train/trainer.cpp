@@ -294,6 +294,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       throw std::runtime_error("output_dir '" + cfg.output_dir +
                                "' already holds an adapter; set overwrite_output_dir = true, "
                                "resume_from_checkpoint, or choose another output_dir");
+    // A save killed while replacing a checkpoint may have left its old copy aside.
+    if (run.root) recover_checkpoints(cfg.output_dir);
     run.mc = load_model_config(cfg.model_name_or_path);
     if (run.mc.sliding_window > 0 && cfg.model_max_length > run.mc.sliding_window)
       throw std::runtime_error(

@@ -58,6 +58,11 @@ void finalize_checkpoint(const std::string& tmp_dir, const std::string& final_di
 
 // Newest complete checkpoint-* in output_dir, or nullopt. Incomplete ones are ignored.
 std::optional<std::string> find_latest_checkpoint(const std::string& output_dir);
+// Repairs what a save killed while replacing an existing step leaves (the trainer moves a
+// complete checkpoint-STEP aside to checkpoint-STEP.old until the new one is complete):
+// a .old whose checkpoint-STEP is complete is removed; otherwise a complete .old is renamed
+// back, replacing an incomplete checkpoint-STEP. Rank 0 only, before anyone reads the dir.
+void recover_checkpoints(const std::string& output_dir);
 // Removes the oldest complete checkpoints beyond `keep` (keep <= 0: keep all), and any
 // stale *.tmp directories left by a killed save.
 void prune_checkpoints(const std::string& output_dir, int64_t keep);
