@@ -24,8 +24,6 @@ struct NotYet {
 const NotYet kNotYetSupported[] = {
     {"zero_stage", [](const TrainConfig& c) { return c.zero_stage == 3; },
      "ZeRO-3 (sharded frozen weights) is planned; use zero_stage = 0, 1 or 2"},
-    {"load_in_4bit", [](const TrainConfig& c) { return c.load_in_4bit; },
-     "4-bit (QLoRA) base weights are planned; use load_in_4bit = false"},
     {"offload_optimizer", [](const TrainConfig& c) { return c.offload_optimizer != "none"; },
      "optimiser-state offload is planned; use offload_optimizer = \"none\""},
     {"offload_param", [](const TrainConfig& c) { return c.offload_param != "none"; },
@@ -67,6 +65,8 @@ void validate_train_config(const TrainConfig& c) {
   need(c.lora_alpha > 0, "lora_alpha", "must be > 0");
   need(c.lora_dropout >= 0 && c.lora_dropout < 1, "lora_dropout", "must be in [0, 1)");
   if (c.target_modules.empty()) errors.push_back("target_modules must name at least one module");
+  if (c.load_in_8bit && c.load_in_4bit)
+    errors.push_back("load_in_8bit and load_in_4bit are both true: choose one");
 
   need(c.learning_rate >= 0, "learning_rate", "must be >= 0");
   need(c.num_train_epochs > 0 || c.max_steps > 0, "num_train_epochs",

@@ -22,4 +22,21 @@ void apply_int8_roundtrip(BaseWeights& w) {
     }
 }
 
+void apply_nf4_roundtrip(BaseWeights& w) {
+  const ModelConfig& c = w.cfg;
+  std::vector<uint8_t> packed, absmax;
+  std::vector<float> scale;
+  for (LayerWeights& L : w.layers)
+    for (Proj p : kAllProj) {
+      float* m = const_cast<float*>(L.w[static_cast<int>(p)]);  // views into w.storage
+      if (!m) continue;
+      const int64_t n = proj_out_features(c, p) * proj_in_features(c, p);
+      packed.resize(static_cast<size_t>((n + 1) / 2));
+      absmax.resize(static_cast<size_t>(cpu::nf4_blocks(n)));
+      scale.resize(static_cast<size_t>(cpu::nf4_groups(n)));
+      cpu::quantize_nf4(packed.data(), absmax.data(), scale.data(), m, n);
+      cpu::dequantize_nf4(m, packed.data(), absmax.data(), scale.data(), n);
+    }
+}
+
 }  // namespace ftune

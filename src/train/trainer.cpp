@@ -45,7 +45,8 @@ std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const BaseWei
                              " (check the driver and CUDA_VISIBLE_DEVICES)");
   if (cfg.device == "cuda" || (cfg.device == "auto" && gpus > 0))
     return make_cuda_backend(weights, cfg.gradient_checkpointing, cfg.flash_attn,
-                             world.local_rank % gpus, cfg.load_in_8bit);  // GPU = local rank
+                             world.local_rank % gpus,  // GPU = local rank
+                             cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0);
 #else
   if (cfg.device == "cuda")
     throw std::runtime_error("device = \"cuda\": this ftune was built without the CUDA backend "
@@ -304,9 +305,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
           cfg.model_name_or_path + "/config.json): sliding-window attention is not implemented; "
           "set model_max_length <= " + std::to_string(run.mc.sliding_window));
     run.weights = load_base_weights(cfg.model_name_or_path, run.mc);
-    // load_in_8bit: both backends train on the int8 round trip of the projections (the CUDA
-    // backend keeps the int8 form itself; quantising the round trip again is exact).
+    // load_in_8bit / 4bit: both backends train on the round trip of the projections (the
+    // CUDA backend keeps the quantised form itself; quantising the round trip again gives
+    // the same codes).
     if (cfg.load_in_8bit) apply_int8_roundtrip(run.weights);
+    if (cfg.load_in_4bit) apply_nf4_roundtrip(run.weights);
     LoraSpec spec;
     spec.rank = cfg.lora_rank;
     spec.alpha = cfg.lora_alpha;
@@ -415,7 +418,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       << ", optimizer state " << opt.state_bytes() << " bytes per rank\n"
       << "[ftune] model " << run.mc.model_type << " (" << run.mc.num_hidden_layers
       << " layers, hidden " << run.mc.hidden_size << ", vocab " << run.mc.vocab_size
-      << (cfg.load_in_8bit ? ", int8 projections" : "") << "), LoRA r=" << adapter.spec.rank << " alpha=" << adapter.spec.alpha << " on "
+      << (cfg.load_in_8bit ? ", int8 projections" : cfg.load_in_4bit ? ", NF4 projections" : "")
+      << "), LoRA r=" << adapter.spec.rank << " alpha=" << adapter.spec.alpha << " on "
       << adapter.slots.size() << " projections (" << adapter.params.size()
       << " trainable parameters)\n"
       << "[ftune] device " << backend->name() << ", " << omp_get_max_threads()

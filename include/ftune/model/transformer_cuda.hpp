@@ -27,12 +27,12 @@ class CudaTransformer final : public TrainBackend {
   // gradient_checkpointing: keep each layer's input only and recompute the layer during
   // backward. flash_attn: flash kernels (head_dim 64/128; other head dims fall back to the
   // naive kernels, see uses_flash()); false = the naive reference kernels.
-  // int8_weights (load_in_8bit): the projection weights live on the device as int8 rows
-  // with fp32 scales (kernels/cpu_quant.hpp) and each layer is dequantised to bf16 just
+  // quant_bits 8 (load_in_8bit) or 4 (load_in_4bit, NF4): the projection weights live on
+  // the device quantised (kernels/cpu_quant.hpp) and each layer is dequantised to bf16 just
   // before its products (one layer's bf16 copy at a time).
   // `weights` must outlive the backend only for the constructor (everything is copied).
   CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing, bool flash_attn,
-                  int device = 0, bool int8_weights = false);
+                  int device = 0, int quant_bits = 0);
   ~CudaTransformer() override;
   CudaTransformer(const CudaTransformer&) = delete;
   CudaTransformer& operator=(const CudaTransformer&) = delete;
@@ -67,6 +67,6 @@ class CudaTransformer final : public TrainBackend {
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const BaseWeights& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
-                                                int device, bool int8_weights = false);
+                                                int device, int quant_bits = 0);
 
 }  // namespace ftune

@@ -18,8 +18,10 @@ struct Job {
 size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 }  // namespace
 
-DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream, bool int8_projections)
-    : int8(int8_projections) {
+DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream, int bits)
+    : quant_bits(bits) {
+  if (bits != 0 && bits != 8 && bits != 4)
+    throw CudaError("DeviceWeights: quant_bits must be 0, 8 or 4");
   const ModelConfig& c = w.cfg;
   const int64_t H = c.hidden_size, V = c.vocab_size, d = c.head_dim;
   std::vector<Job> jobs;
@@ -41,7 +43,7 @@ DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream, bool int8_pr
     for (Proj p : kAllProj) {
       const int pi = static_cast<int>(p);
       const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
-      if (!int8) add(L.w[pi], out * in, &D.w[pi]);
+      if (!quant_bits) add(L.w[pi], out * in, &D.w[pi]);
       add(L.b[pi], out, &D.b[pi]);
     }
   }
@@ -68,43 +70,60 @@ DeviceWeights::DeviceWeights(const BaseWeights& w, stream_t stream, bool int8_pr
   }
   if (tied) lm_head = embed;
   stream_sync(stream);  // `stage` is freed on return
-  if (int8) upload_int8(w, stream);
+  if (quant_bits) upload_quantised(w, stream);
 }
 
-// One allocation for every layer's int8 rows and scales; quantised on the host one
-// projection at a time (host memory stays one matrix), each copy waited for before reuse.
-void DeviceWeights::upload_int8(const BaseWeights& w, stream_t stream) {
+// One allocation for every layer's quantised projections; quantised on the host one matrix at
+// a time (host memory stays one matrix), each copy waited for before the buffers are reused.
+void DeviceWeights::upload_quantised(const BaseWeights& w, stream_t stream) {
   const ModelConfig& c = w.cfg;
+  struct Parts {
+    size_t q, abs, scale;  // bytes
+  };
+  auto parts = [&](int64_t n, int64_t rows) {
+    if (quant_bits == 8) return Parts{size_t(n), 0, size_t(rows) * sizeof(float)};
+    return Parts{size_t(n + 1) / 2, size_t(cpu::nf4_blocks(n)),
+                 size_t(cpu::nf4_groups(n)) * sizeof(float)};
+  };
   size_t total = 0;
   for (size_t l = 0; l < w.layers.size(); ++l)
     for (Proj p : kAllProj) {
       if (!w.layers[l].w[static_cast<int>(p)]) continue;
-      const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
-      total += align256(out * in) + align256(out * sizeof(float));
+      const Parts s = parts(proj_in_features(c, p) * proj_out_features(c, p), proj_out_features(c, p));
+      total += align256(s.q) + align256(s.abs) + align256(s.scale);
     }
-  q8_buf_ = DeviceBuffer(total);
-  char* base = q8_buf_.as<char>();
+  q_buf_ = DeviceBuffer(total);
+  char* base = q_buf_.as<char>();
   size_t off = 0;
-  std::vector<int8_t> q;
+  std::vector<uint8_t> q, abs;
   std::vector<float> scale;
   for (size_t l = 0; l < w.layers.size(); ++l)
     for (Proj p : kAllProj) {
       const int pi = static_cast<int>(p);
       const float* m = w.layers[l].w[pi];
       if (!m) continue;
-      const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
-      q.resize(out * in);
-      scale.resize(out);
-      cpu::quantize_int8_rows(q.data(), scale.data(), m, out, in);
-      auto* dq = reinterpret_cast<int8_t*>(base + off);
-      off += align256(out * in);
-      auto* ds = reinterpret_cast<float*>(base + off);
-      off += align256(out * sizeof(float));
-      h2d(dq, q.data(), out * in, stream);
-      h2d(ds, scale.data(), out * sizeof(float), stream);
-      stream_sync(stream);  // q and scale are reused for the next matrix
-      layers[l].q8[pi] = dq;
-      layers[l].scale8[pi] = ds;
+      const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p), n = in * out;
+      const Parts s = parts(n, out);
+      q.resize(s.q);
+      abs.resize(s.abs);
+      scale.resize(s.scale / sizeof(float));
+      if (quant_bits == 8)
+        cpu::quantize_int8_rows(reinterpret_cast<int8_t*>(q.data()), scale.data(), m, out, in);
+      else
+        cpu::quantize_nf4(q.data(), abs.data(), scale.data(), m, n);
+      char* dq = base + off;
+      off += align256(s.q);
+      char* da = base + off;
+      off += align256(s.abs);
+      char* ds = base + off;
+      off += align256(s.scale);
+      h2d(dq, q.data(), s.q, stream);
+      if (s.abs) h2d(da, abs.data(), s.abs, stream);
+      h2d(ds, scale.data(), s.scale, stream);
+      stream_sync(stream);  // the host vectors are reused for the next matrix
+      layers[l].q[pi] = dq;
+      layers[l].qabs[pi] = s.abs ? reinterpret_cast<const uint8_t*>(da) : nullptr;
+      layers[l].qscale[pi] = reinterpret_cast<const float*>(ds);
     }
 }
 

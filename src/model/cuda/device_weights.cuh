@@ -1,8 +1,9 @@
 #pragma once
 // The frozen base model on the device: every tensor of BaseWeights converted once from fp32
-// to bf16 into one allocation (tied lm_head shares the embedding's copy). With int8 = true
-// (load_in_8bit) the projection weights are kept as int8 rows with fp32 scales instead
-// (w[] null, q8[]/scale8[] set), and the transformer dequantises a layer before using it.
+// to bf16 into one allocation (tied lm_head shares the embedding's copy). With quant_bits 8
+// (load_in_8bit) or 4 (load_in_4bit) the projection weights are kept quantised instead
+// (kernels/cpu_quant.hpp; w[] null, q[]/qscale[] set), and the transformer dequantises a layer
+// before using it.
 #include <array>
 #include <vector>
 
@@ -12,9 +13,12 @@
 namespace ftune::cuda::model {
 
 struct DeviceLayer {
-  std::array<const bf16*, kNumProj> w{};  // [out, in]; null under int8
-  std::array<const int8_t*, kNumProj> q8{};   // int8: [out, in]
-  std::array<const float*, kNumProj> scale8{};  // int8: [out]
+  std::array<const bf16*, kNumProj> w{};  // [out, in]; null when quantised
+  // int8: q = int8 [out, in], qscale = fp32 [out].
+  // nf4: q = packed codes [out * in / 2], qabs = uint8 block absmaxes, qscale = fp32 [groups].
+  std::array<const void*, kNumProj> q{};
+  std::array<const uint8_t*, kNumProj> qabs{};
+  std::array<const float*, kNumProj> qscale{};
   std::array<const bf16*, kNumProj> b{};  // [out] or nullptr
   const bf16* input_norm = nullptr;
   const bf16* post_norm = nullptr;
@@ -24,17 +28,17 @@ struct DeviceLayer {
 
 class DeviceWeights {
  public:
-  DeviceWeights(const BaseWeights& w, stream_t stream, bool int8 = false);
-  bool int8 = false;
+  DeviceWeights(const BaseWeights& w, stream_t stream, int quant_bits = 0);
+  int quant_bits = 0;  // 0: bf16 projections
   const bf16* embed = nullptr;
   const bf16* final_norm = nullptr;
   const bf16* lm_head = nullptr;
   std::vector<DeviceLayer> layers;
-  size_t bytes() const { return buf_.bytes() + q8_buf_.bytes(); }
+  size_t bytes() const { return buf_.bytes() + q_buf_.bytes(); }
 
  private:
-  void upload_int8(const BaseWeights& w, stream_t stream);
-  DeviceBuffer buf_, q8_buf_;
+  void upload_quantised(const BaseWeights& w, stream_t stream);
+  DeviceBuffer buf_, q_buf_;
 };
 
 }  // namespace ftune::cuda::model

@@ -12,7 +12,7 @@ const char* phase_name(int p) {
                                 "attention fwd",    "attention bwd",    "base GEMM fwd",
                                 "base GEMM bwd",    "LoRA fwd",         "LoRA bwd",
                                 "LoRA dropout",     "swiglu/residual",  "head (lm_head+CE)",
-                                "int8 dequantise",  "recompute (total)"};
+                                "dequantise",       "recompute (total)"};
   return names[p];
 }
 }  // namespace

@@ -74,22 +74,22 @@ struct CudaTransformer::Impl {
   std::string dev_name;
   cm::PhaseProfiler prof;
 
-  // load_in_8bit: layer l's projections dequantised into `dequant` (bf16) before use.
+  // load_in_8bit / load_in_4bit: layer l's projections dequantised into `dequant` (bf16).
   cu::DeviceBuffer dequant;
   int dequant_layer = -1;
   std::array<size_t, kNumProj> dequant_off{};
 
-  Impl(const BaseWeights& weights, bool ckpt, bool flash_attn, int dev, bool int8)
+  Impl(const BaseWeights& weights, bool ckpt, bool flash_attn, int dev, int quant_bits)
       : device(select_device(dev)),
         c(weights.cfg),
         checkpointing(ckpt),
         flash(flash_attn && (weights.cfg.head_dim == 64 || weights.cfg.head_dim == 128)),
-        w(weights, stream.get(), int8),
+        w(weights, stream.get(), quant_bits),
         inv_freq(rope_inv_freq(weights.cfg)) {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
-    if (int8) {
+    if (quant_bits) {
       size_t off = 0;
       for (Proj p : kAllProj) {
         dequant_off[static_cast<int>(p)] = off;
@@ -100,19 +100,25 @@ struct CudaTransformer::Impl {
     note_memory();
   }
 
-  // Projection p's bf16 weight for layer l. Under int8 the whole layer is dequantised into
+  // Projection p's bf16 weight for layer l. Quantised, the whole layer is dequantised into
   // one scratch on first use; the stream orders this after the previous layer's readers.
   const bf16* weight(int l, Proj p) {
     const int pi = static_cast<int>(p);
-    if (!w.int8) return w.layers[l].w[pi];
+    if (!w.quant_bits) return w.layers[l].w[pi];
     if (dequant_layer != l) {
       Scope ps(&prof, cm::Phase::dequant, stream.get());
       for (Proj q : kAllProj) {
         const int qi = static_cast<int>(q);
-        if (!w.layers[l].q8[qi]) continue;
-        cu::dequantize_int8_rows(reinterpret_cast<bf16*>(dequant.as<char>() + dequant_off[qi]),
-                                 w.layers[l].q8[qi], w.layers[l].scale8[qi],
-                                 proj_out_features(c, q), proj_in_features(c, q), stream.get());
+        const cm::DeviceLayer& D = w.layers[l];
+        if (!D.q[qi]) continue;
+        bf16* dst = reinterpret_cast<bf16*>(dequant.as<char>() + dequant_off[qi]);
+        const int64_t rows = proj_out_features(c, q), cols = proj_in_features(c, q);
+        if (w.quant_bits == 8)
+          cu::dequantize_int8_rows(dst, static_cast<const int8_t*>(D.q[qi]), D.qscale[qi], rows,
+                                   cols, stream.get());
+        else
+          cu::dequantize_nf4(dst, static_cast<const uint8_t*>(D.q[qi]), D.qabs[qi], D.qscale[qi],
+                             rows * cols, stream.get());
       }
       dequant_layer = l;
     }
@@ -385,9 +391,9 @@ struct CudaTransformer::Impl {
 };
 
 CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing,
-                                 bool flash_attn, int device, bool int8_weights)
+                                 bool flash_attn, int device, int quant_bits)
     : impl_(std::make_unique<Impl>(weights, gradient_checkpointing, flash_attn, device,
-                                   int8_weights)) {}
+                                   quant_bits)) {}
 CudaTransformer::~CudaTransformer() = default;
 
 std::string CudaTransformer::name() const { return impl_->dev_name; }
@@ -462,9 +468,9 @@ LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& a
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const BaseWeights& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
-                                                int device, bool int8_weights) {
+                                                int device, int quant_bits) {
   return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device,
-                                           int8_weights);
+                                           quant_bits);
 }
 
 }  // namespace ftune
