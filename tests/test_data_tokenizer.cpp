@@ -129,6 +129,8 @@ TEST_CASE("SentencePiece-style BPE: Prepend/Replace normalizers, byte fallback, 
   CHECK(tok.id_to_token(3 + 0x41) == "<0x41>");
   CHECK(tok.token_to_id("nope") == -1);
   CHECK(tok.vocab_size() == 269);
+  // Ids beyond the vocabulary (a padded embedding table) are skipped, as HF does.
+  CHECK(tok.decode(Ids{sp_a, 100000, -1, space, tok.token_to_id("b")}) == "a b");
 }
 
 TEST_CASE("words split before \"▁\" only when no merge can cross it") {

@@ -270,9 +270,9 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special_to
       if (!(skip_special_tokens && t.special)) tokens.push_back(t.content);
       continue;
     }
-    const std::string* t = impl_->model.id_to_token(id);
-    if (!t) throw std::out_of_range("decode: id " + std::to_string(id) + " is not in the vocabulary");
-    tokens.push_back(*t);
+    // Ids without a token are skipped, as HF tokenizers does: a model's embedding table is
+    // often padded beyond the tokenizer's vocabulary, and generate may sample such an id.
+    if (const std::string* t = impl_->model.id_to_token(id)) tokens.push_back(*t);
   }
   return impl_->decoder.decode(std::move(tokens));
 }

@@ -34,7 +34,8 @@ class Tokenizer {
   std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string>& texts,
                                                  int num_threads,
                                                  bool add_special_tokens = false) const;
-  // Text of `ids` through the file's decoder, as HF `tokenizer.decode`. Unknown ids throw.
+  // Text of `ids` through the file's decoder, as HF `tokenizer.decode` (unknown ids are
+  // skipped, as HF does).
   std::string decode(std::span<const int32_t> ids, bool skip_special_tokens = false) const;
 
   int32_t token_to_id(std::string_view token) const;  // -1 when absent
