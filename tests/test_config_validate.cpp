@@ -113,7 +113,6 @@ TEST_CASE("accepted but not yet supported: rejected with the key and 'planned'")
   };
   const std::vector<Case> cases = {
       {[](TrainConfig& c) { c.zero_stage = 3; }, "zero_stage = 3"},
-      {[](TrainConfig& c) { c.offload_optimizer = "cpu"; }, "offload_optimizer = \"cpu\""},
       {[](TrainConfig& c) { c.offload_param = "cpu"; }, "offload_param = \"cpu\""},
       {[](TrainConfig& c) { c.use_peft = false; }, "use_peft = false"},
       {[](TrainConfig& c) { c.fp16 = true; }, "fp16 = true"},

@@ -2,6 +2,7 @@
 // against the host runner, through the whole trainer:
 //   - one rank: same losses and adapter as FTUNE_HOST_OPTIMIZER=1 (qwen2_tiny: weight decay,
 //     cosine schedule, clipping active), within fp32-reduction-order differences;
+//     offload_optimizer = "cpu" is that host path exactly;
 //   - resume from a GPU checkpoint continues exactly (naive attention: deterministic);
 //   - metrics.jsonl reports the peak device memory;
 //   - under `mpirun -np 2` (ctest's test_mpi_cuda_step, 2 GPUs): ZeRO 0/1/2 over NCCL give
@@ -102,6 +103,13 @@ TEST_CASE("GPU step runner matches the host runner, resumes exactly, reports mem
   CHECK(dl < 1e-4);
   CHECK(dn < 1e-4);
   CHECK(da < 1e-3);
+
+  // offload_optimizer = "cpu" is the host runner over the GPU model: the same run, bit for bit.
+  TrainConfig off = qwen2_run("step_offload");
+  off.offload_optimizer = "cpu";
+  const TrainResult offloaded = train_with(off, false);
+  CHECK(offloaded.losses == host.losses);
+  CHECK(offloaded.adapter.params == host.adapter.params);
 
   // Peak memory in every step row, and at least the bf16 copy of the base weights.
   std::ifstream f(gc.output_dir + "/metrics.jsonl");

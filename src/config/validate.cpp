@@ -24,8 +24,6 @@ struct NotYet {
 const NotYet kNotYetSupported[] = {
     {"zero_stage", [](const TrainConfig& c) { return c.zero_stage == 3; },
      "ZeRO-3 (sharded frozen weights) is planned; use zero_stage = 0, 1 or 2"},
-    {"offload_optimizer", [](const TrainConfig& c) { return c.offload_optimizer != "none"; },
-     "optimiser-state offload is planned; use offload_optimizer = \"none\""},
     {"offload_param", [](const TrainConfig& c) { return c.offload_param != "none"; },
      "parameter offload is planned; use offload_param = \"none\""},
     {"use_peft", [](const TrainConfig& c) { return !c.use_peft; },

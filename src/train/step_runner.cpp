@@ -66,12 +66,15 @@ std::unique_ptr<StepRunner> make_host_step_runner(TrainBackend& model, LoraAdapt
 
 std::unique_ptr<StepRunner> make_step_runner(TrainBackend& model, LoraAdapter& adapter,
                                              int stage, Communicator& comm,
-                                             const AdamWHyper& h) {
+                                             const AdamWHyper& h, bool offload_optimizer) {
 #if FTUNE_HAVE_CUDA
   const char* force_host = std::getenv("FTUNE_HOST_OPTIMIZER");
-  const bool host = force_host && *force_host && std::string(force_host) != "0";
+  const bool host = offload_optimizer ||
+                    (force_host && *force_host && std::string(force_host) != "0");
   if (!host && dynamic_cast<CudaTransformer*>(&model) && (comm.size() == 1 || nccl_available()))
     return make_cuda_step_runner(model, adapter, stage, comm, h);
+#else
+  (void)offload_optimizer;  // on the CPU backend everything is in host memory anyway
 #endif
   return make_host_step_runner(model, adapter, stage, comm, h);
 }

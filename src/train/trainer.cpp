@@ -358,7 +358,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   std::unique_ptr<StepRunner> runner;
   on_all_ranks(comm, [&] {
     runner = make_step_runner(*backend, adapter, cfg.zero_stage, comm,
-                              {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay});
+                              {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay},
+                              cfg.offload_optimizer == "cpu");
   });
   StepRunner& opt = *runner;
 

@@ -6,8 +6,9 @@
 //   CUDA runner: everything on the GPU of a CudaTransformer; gradients reduced with NCCL,
 //                AdamW, norm and clipping as kernels (src/train/cuda_step_runner.cpp).
 // Both implement the ZeRO stages of zero_optimizer.hpp. The trainer picks the CUDA runner
-// for a CUDA backend when the world is one rank or NCCL is built in; FTUNE_HOST_OPTIMIZER=1
-// forces the host runner (a cross-check, and the path for GPUs without NCCL).
+// for a CUDA backend when the world is one rank or NCCL is built in, unless
+// offload_optimizer = "cpu" (Adam moments and fp32 master weights in host memory: the host
+// runner over the CUDA backend's host interface) or FTUNE_HOST_OPTIMIZER=1 (a cross-check).
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -49,7 +50,8 @@ class StepRunner {
 // adapter must outlive the runner (the host runner updates adapter.params in place).
 std::unique_ptr<StepRunner> make_step_runner(TrainBackend& model, LoraAdapter& adapter,
                                              int zero_stage, Communicator& comm,
-                                             const AdamWHyper& hyper);
+                                             const AdamWHyper& hyper,
+                                             bool offload_optimizer = false);
 
 // The two implementations, for tests that want one in particular.
 std::unique_ptr<StepRunner> make_host_step_runner(TrainBackend& model, LoraAdapter& adapter,
