@@ -1,8 +1,12 @@
 // CUDA training backend: one micro-step from tokens to LoRA gradients on one GPU, step for
 // step the CPU reference (src/model/transformer_cpu.cpp), in bf16 with fp32 accumulation.
-// Reading order: forward_backward() -> layer_forward() / layer_backward() / head() ->
-// lora_linear.cu -> kernels in src/kernels/cuda/. Everything runs on one stream; the host
-// waits once per micro-batch (loss rows and LoRA gradients come back together).
+// Reading order: forward_backward_on_device() -> layer_forward() / layer_backward() / head()
+// -> lora_linear.cu -> kernels in src/kernels/cuda/. Everything runs on one stream; the host
+// waits once per micro-batch, for the loss rows (the LoRA gradients stay on the device in
+// the trainer's path; the TrainBackend interface copies them out for host callers).
+// Under checkpointing the backward re-runs each layer's forward in a lighter form
+// (layer_forward's `recompute`); quantised weights are dequantised a layer at a time
+// (weight()); FTUNE_PROFILE=1 times every region (profiler.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
