@@ -30,43 +30,16 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.hpp"
 #include "ftune/kernels/cpu_ops.hpp"
 #include "ftune/kernels/cuda_attention.hpp"
 #include "ftune/kernels/cuda_device.hpp"
 
-namespace cu = ftune::cuda;
+using namespace ftune::test::cuda;  // REQUIRE_GPU, cu, F, rbf, rand_bf16, up, down
 namespace cpu = ftune::cpu;
-using F = std::vector<float>;
-
-#define REQUIRE_GPU()                 \
-  if (cu::cuda_device_count() == 0) { \
-    MESSAGE("skipped: no GPU");       \
-    return;                           \
-  }
 
 namespace {
 
-float rbf(float f) { return cu::to_float(cu::to_bf16(f)); }
-
-// bf16-representable values, |v| in [0.05, 1] * mag, random sign.
-F rand_bf16(std::mt19937& rng, size_t n, float mag = 1.f) {
-  std::uniform_real_distribution<float> u(0.05f, 1.f);
-  std::bernoulli_distribution sign(0.5);
-  F v(n);
-  for (auto& e : v) e = rbf(mag * (sign(rng) ? u(rng) : -u(rng)));
-  return v;
-}
-cu::DeviceBuffer up(const F& v) {
-  std::vector<cu::bf16> b(v.size());
-  for (size_t i = 0; i < v.size(); ++i) b[i] = cu::to_bf16(v[i]);
-  return cu::to_device(b);
-}
-F down(const cu::DeviceBuffer& b, size_t n) {
-  const auto h = cu::to_host<cu::bf16>(b, n);
-  F v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = cu::to_float(h[i]);
-  return v;
-}
 // Fill with NaN so an element the kernel never writes fails the comparison.
 void poison(cu::DeviceBuffer& b) {
   const std::vector<uint16_t> nan(b.bytes() / 2, 0x7fc0);

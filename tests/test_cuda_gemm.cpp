@@ -15,41 +15,16 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.hpp"
 #include "ftune/kernels/cpu_ops.hpp"
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_gemm.hpp"
 
-namespace cu = ftune::cuda;
+using namespace ftune::test::cuda;  // REQUIRE_GPU, cu, F, rbf, rand_bf16, pack, unpack
 namespace cpu = ftune::cpu;
-using F = std::vector<float>;
-
-#define REQUIRE_GPU()                 \
-  if (cu::cuda_device_count() == 0) { \
-    MESSAGE("skipped: no GPU");       \
-    return;                           \
-  }
 
 namespace {
 
-float rbf(float f) { return cu::to_float(cu::to_bf16(f)); }
-
-F rand_bf16(std::mt19937& rng, size_t n) {
-  std::uniform_real_distribution<float> u(0.05f, 1.f);
-  std::bernoulli_distribution sign(0.5);
-  F v(n);
-  for (auto& e : v) e = rbf(sign(rng) ? u(rng) : -u(rng));
-  return v;
-}
-std::vector<cu::bf16> pack(const F& v) {
-  std::vector<cu::bf16> b(v.size());
-  for (size_t i = 0; i < v.size(); ++i) b[i] = cu::to_bf16(v[i]);
-  return b;
-}
-F unpack(const std::vector<cu::bf16>& b) {
-  F v(b.size());
-  for (size_t i = 0; i < b.size(); ++i) v[i] = cu::to_float(b[i]);
-  return v;
-}
 F abs_of(F v) {
   for (auto& e : v) e = std::abs(e);
   return v;

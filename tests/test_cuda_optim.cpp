@@ -13,18 +13,12 @@
 #include <span>
 #include <vector>
 
+#include "cuda_test_util.hpp"
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
 #include "ftune/train/optimizer.hpp"
 
-namespace cu = ftune::cuda;
-using F = std::vector<float>;
-
-#define REQUIRE_GPU()                 \
-  if (cu::cuda_device_count() == 0) { \
-    MESSAGE("skipped: no GPU");       \
-    return;                           \
-  }
+using namespace ftune::test::cuda;  // REQUIRE_GPU, cu, F
 
 namespace {
 

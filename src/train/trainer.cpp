@@ -458,8 +458,6 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   };
 
   // ---- the loop
-  const bool gpu_backend = backend->name().rfind("cuda", 0) == 0;
-  (void)gpu_backend;
   double window_loss = 0;
   int64_t window_steps = 0, window_tokens = 0;
   auto window_start = Clock::now();
@@ -512,8 +510,9 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       r.tokens_per_s = window_s > 0 ? window_tokens / window_s : 0;
       r.elapsed_s = seconds_since(t_start);
 #if FTUNE_HAVE_CUDA
-      if (gpu_backend) {
-        r.peak_gpu_mem_gib = static_cast<double>(cuda::device_bytes_peak()) / (1ull << 30);
+      // Device memory is allocated only by the CUDA backend: none means a CPU run.
+      if (const size_t peak = cuda::device_bytes_peak(); peak > 0) {
+        r.peak_gpu_mem_gib = static_cast<double>(peak) / (1ull << 30);
         cuda::reset_device_bytes_peak();
       }
 #endif

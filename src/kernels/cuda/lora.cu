@@ -1,6 +1,8 @@
 // Fused LoRA rank-r products with on-the-fly dropout (see cuda_lora.hpp). CUDA cores, not
 // tensor cores: r <= 16 makes these memory-bound (one pass over x or dx), and what they
 // replace was three passes plus a materialised dropout(x).
+#include <type_traits>
+
 #include "common.cuh"
 #include "ftune/kernels/cuda_lora.hpp"
 
@@ -163,13 +165,28 @@ __global__ void dx_backward_kernel(__nv_bfloat16* dx, const __nv_bfloat16* du,
   }
 }
 
-float keep_scale(double p) { return p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f; }
+// The dropout mask of dropout_apply: keep threshold and keep scale 1 / (1 - p).
+struct Mask {
+  uint64_t thr;
+  float ks;
+};
 
-void check_args(int64_t r, int64_t in, double p, const void* x, const void* A) {
+// Validates a launch (throws on what the kernels do not support) and returns its mask.
+Mask checked_mask(int64_t r, int64_t in, double p, const void* x, const void* A) {
   if (!lora_fused_supported(r, in, x, A))
     throw CudaError("fused LoRA kernels: r = " + std::to_string(r) + ", in = " +
                     std::to_string(in) + " not supported (r <= 16, in % 8 == 0, 16-byte aligned)");
   if (!(p >= 0.0 && p < 1.0)) throw CudaError("fused LoRA kernels: p must be in [0, 1)");
+  return {dropout_threshold(p), p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f};
+}
+
+// f(std::integral_constant<int, R>) with the kernels' register tile R: 8 for r <= 8, else 16.
+template <class F>
+void with_rank_tile(int64_t r, F&& f) {
+  if (r <= 8)
+    f(std::integral_constant<int, 8>{});
+  else
+    f(std::integral_constant<int, 16>{});
 }
 
 }  // namespace
@@ -180,21 +197,14 @@ bool lora_fused_supported(int64_t r, int64_t in, const void* x, const void* A) {
 
 void lora_down_forward(bf16* u, const bf16* x, const bf16* A, int64_t N, int64_t in, int64_t r,
                        double p, uint64_t seed, stream_t stream) {
-  check_args(r, in, p, x, A);
+  const Mask m = checked_mask(r, in, p, x, A);
   if (N <= 0) return;
-  const uint64_t thr = dropout_threshold(p);
-  const float ks = keep_scale(p);
-  if (r <= 8) {
-    constexpr int ROWS = 4;
+  with_rank_tile(r, [&](auto tile) {
+    constexpr int R = decltype(tile)::value, ROWS = 32 / R;  // 32 accumulators per lane
     const unsigned blocks = static_cast<unsigned>((N + kWarps * ROWS - 1) / (kWarps * ROWS));
-    down_forward_kernel<8, ROWS><<<blocks, kWarps * 32, 0, stream>>>(
-        dev(u), dev(x), dev(A), N, in, static_cast<int>(r), seed, thr, ks);
-  } else {
-    constexpr int ROWS = 2;
-    const unsigned blocks = static_cast<unsigned>((N + kWarps * ROWS - 1) / (kWarps * ROWS));
-    down_forward_kernel<16, ROWS><<<blocks, kWarps * 32, 0, stream>>>(
-        dev(u), dev(x), dev(A), N, in, static_cast<int>(r), seed, thr, ks);
-  }
+    down_forward_kernel<R, ROWS><<<blocks, kWarps * 32, 0, stream>>>(
+        dev(u), dev(x), dev(A), N, in, static_cast<int>(r), seed, m.thr, m.ks);
+  });
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 
@@ -205,39 +215,31 @@ int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r) {
 void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int64_t in,
                         int64_t r, double p, uint64_t seed, float alpha, float* workspace,
                         stream_t stream) {
-  check_args(r, in, p, x, x);
+  const Mask m = checked_mask(r, in, p, x, x);
   if (N <= 0) return;
-  const uint64_t thr = dropout_threshold(p);
-  const float ks = keep_scale(p);
   const int chunks = static_cast<int>((N + kChunk - 1) / kChunk);
   const dim3 grid(static_cast<unsigned>((in / 2 + kColThreads - 1) / kColThreads),
                   static_cast<unsigned>(chunks));
-  if (r <= 8)
-    down_backward_partial<8><<<grid, kColThreads, 0, stream>>>(
-        workspace, dev(du), dev(x), N, in, static_cast<int>(r), seed, thr, ks);
-  else
-    down_backward_partial<16><<<grid, kColThreads, 0, stream>>>(
-        workspace, dev(du), dev(x), N, in, static_cast<int>(r), seed, thr, ks);
+  with_rank_tile(r, [&](auto tile) {
+    down_backward_partial<decltype(tile)::value><<<grid, kColThreads, 0, stream>>>(
+        workspace, dev(du), dev(x), N, in, static_cast<int>(r), seed, m.thr, m.ks);
+  });
   FTUNE_CUDA_LAUNCH_CHECK();
-  const int64_t m = r * in;
-  down_backward_reduce<<<grid_for(m, 256), 256, 0, stream>>>(dA, workspace, chunks, m, alpha);
+  const int64_t n = r * in;
+  down_backward_reduce<<<grid_for(n, 256), 256, 0, stream>>>(dA, workspace, chunks, n, alpha);
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 
 void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_t in, int64_t r,
                       double p, uint64_t seed, stream_t stream) {
-  check_args(r, in, p, dx, A);
+  const Mask m = checked_mask(r, in, p, dx, A);
   if (N <= 0) return;
-  const uint64_t thr = dropout_threshold(p);
-  const float ks = keep_scale(p);
   const dim3 grid(static_cast<unsigned>((in / 8 + kDxThreads - 1) / kDxThreads),
                   static_cast<unsigned>((N + kDxRows - 1) / kDxRows));
-  if (r <= 8)
-    dx_backward_kernel<8><<<grid, kDxThreads, 0, stream>>>(
-        dev(dx), dev(du), dev(A), N, in, static_cast<int>(r), seed, thr, ks);
-  else
-    dx_backward_kernel<16><<<grid, kDxThreads, 0, stream>>>(
-        dev(dx), dev(du), dev(A), N, in, static_cast<int>(r), seed, thr, ks);
+  with_rank_tile(r, [&](auto tile) {
+    dx_backward_kernel<decltype(tile)::value><<<grid, kDxThreads, 0, stream>>>(
+        dev(dx), dev(du), dev(A), N, in, static_cast<int>(r), seed, m.thr, m.ks);
+  });
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,5 +1,6 @@
-// LoRA projections on the device (see lora_linear.cuh). Six cuBLASLt products per
-// projection and step; the rank-r ones are tiny and launch-bound (fusing them is future work).
+// LoRA projections on the device (see lora_linear.cuh). With dropout, the products with A
+// go through the fused kernels of kernels/cuda_lora.hpp (mask applied on the fly); without
+// it, or where those do not apply, through cuBLASLt on an explicit dropout(x).
 #include "ftune/kernels/cuda_lora.hpp"
 #include "ftune/kernels/cuda_ops.hpp"
 #include "lora_linear.cuh"
@@ -14,6 +15,14 @@ bool fused(const LinearOp& op, const LoraCtx& lc, const void* x_or_dx) {
          lora_fused_supported(lc.adapter->spec.rank, op.in, x_or_dx,
                               lc.params + op.slot->a_offset);
 }
+
+// The unfused path's LoRA input: x itself, or dropout(x) written to op.xd.
+const bf16* dropout_input(const LinearOp& op, const LoraCtx& lc, const bf16* x) {
+  if (lc.dropout <= 0) return x;
+  ProfileScope ps(op.prof, Phase::dropout, op.stream);
+  dropout_apply(op.xd, x, op.N * op.in, lc.dropout, op.dropout_seed, false, op.stream);
+  return op.xd;
+}
 }  // namespace
 
 void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf16* u) {
@@ -25,12 +34,7 @@ void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf
                       op.stream);
     return;
   }
-  const bf16* xin = x;
-  if (lc.dropout > 0) {
-    ProfileScope ps(op.prof, Phase::dropout, op.stream);
-    dropout_apply(op.xd, x, op.N * op.in, lc.dropout, op.dropout_seed, false, op.stream);
-    xin = op.xd;
-  }
+  const bf16* xin = dropout_input(op, lc, x);
   ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
   op.gemm.matmul(GemmOp::NT, u, xin, lc.params + s.a_offset, op.N, r, op.in, 1.f, 0.f,
                  op.stream);
@@ -78,12 +82,7 @@ void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accum
                      op.dropout_seed, op.stream);
     return;
   }
-  const bf16* xin = x;
-  if (lc.dropout > 0) {
-    ProfileScope ps(op.prof, Phase::dropout, op.stream);
-    dropout_apply(op.xd, x, op.N * op.in, lc.dropout, op.dropout_seed, false, op.stream);
-    xin = op.xd;
-  }
+  const bf16* xin = dropout_input(op, lc, x);
   {
     ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
     op.gemm.matmul(GemmOp::TN, lc.grads + s.a_offset, op.du, xin, r, op.in, op.N, 1.f, 1.f,
