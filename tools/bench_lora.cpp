@@ -1,0 +1,136 @@
+// LoRA product benchmark on one GPU at the Llama-3-8B shapes of a batch-4, seq-2048 micro-step
+// (N = 8192 tokens, r = 8): every product a LoRA projection runs, timed alone with CUDA events
+// (median of 20 after 3 warm-ups, random bf16 inputs), with the bytes it must move at least
+// and the bandwidth that implies. Prints a table; writes every number to the JSON file named
+// by the first argument (default bench_lora.json).
+//   build/bench_lora [OUT.json] [N]
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ftune/kernels/cuda_device.hpp"
+#include "ftune/kernels/cuda_gemm.hpp"
+#include "ftune/kernels/cuda_lora.hpp"
+#include "ftune/kernels/cuda_ops.hpp"
+
+namespace cu = ftune::cuda;
+
+namespace {
+
+cu::DeviceBuffer random_bf16(int64_t n, std::mt19937& g, float scale) {
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<cu::bf16> h(n);
+  for (auto& v : h) v = cu::to_bf16(d(g));
+  return cu::to_device(h);
+}
+
+struct Row {
+  std::string name, shape;
+  double ms, bytes, flops;
+};
+
+double median_ms(const std::function<void()>& f, cu::stream_t s) {
+  for (int i = 0; i < 3; ++i) f();
+  std::vector<float> t;
+  cu::Event a, b;
+  for (int i = 0; i < 20; ++i) {
+    a.record(s);
+    f();
+    b.record(s);
+    b.synchronize();
+    t.push_back(b.elapsed_ms_since(a));
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (cu::cuda_device_count() == 0) {
+    std::printf("bench_lora: no GPU\n");
+    return 0;
+  }
+  const std::string out_path = argc > 1 ? argv[1] : "bench_lora.json";
+  const int64_t N = argc > 2 ? std::stoll(argv[2]) : 8192, r = 8;
+  cu::Stream stream;
+  const cu::stream_t s = stream.get();
+  cu::Gemm gemm;
+  std::mt19937 g(1);
+  const int64_t widest = 14336;
+  cu::DeviceBuffer x = random_bf16(N * widest, g, 1.f), y = random_bf16(N * widest, g, 1.f);
+  cu::DeviceBuffer A = random_bf16(r * widest, g, 0.02f), B = random_bf16(widest * r, g, 0.02f);
+  cu::DeviceBuffer W = random_bf16(widest * 4096, g, 0.02f);
+  cu::DeviceBuffer u = random_bf16(N * r, g, 1.f), du = random_bf16(N * r, g, 1.f);
+  cu::DeviceBuffer dA(r * widest * sizeof(float)), dB(widest * r * sizeof(float));
+  dA.zero();
+  dB.zero();
+  cu::DeviceBuffer ws(cu::lora_down_backward_workspace(N, widest, r) * sizeof(float));
+  auto* xp = x.as<cu::bf16>();
+  auto* yp = y.as<cu::bf16>();
+  std::vector<Row> rows;
+  auto add = [&](std::string name, int64_t in, int64_t out, double bytes, double flops,
+                 const std::function<void()>& f) {
+    rows.push_back({std::move(name), std::to_string(in) + "->" + std::to_string(out),
+                    median_ms(f, s), bytes, flops});
+  };
+  const int64_t ins[] = {4096, 14336};
+  for (double p : {0.05, 0.0}) {
+    const std::string tag = p > 0 ? " p=.05" : " p=0";
+    for (int64_t in : ins) {
+      add("down_fwd u=(keep x)A^T" + tag, in, r, 2.0 * N * in, 2.0 * N * in * r, [&] {
+        cu::lora_down_forward(u.as<cu::bf16>(), xp, A.as<cu::bf16>(), N, in, r, p, 7, s);
+      });
+      add("down_bwd dA+=du^T(keep x)" + tag, in, r, 2.0 * N * in, 2.0 * N * in * r, [&] {
+        cu::lora_down_backward(dA.as<float>(), du.as<cu::bf16>(), xp, N, in, r, p, 7, 1.f,
+                               ws.as<float>(), s);
+      });
+      add("dx_bwd dx+=keep(du A)" + tag, r, in, 4.0 * N * in, 2.0 * N * in * r, [&] {
+        cu::lora_dx_backward(yp, du.as<cu::bf16>(), A.as<cu::bf16>(), N, in, r, p, 7, s);
+      });
+    }
+  }
+  for (int64_t out : {int64_t(1024), int64_t(4096), int64_t(14336)}) {
+    add("gemm up y+=s u B^T (K=8, beta 1)", r, out, 4.0 * N * out, 2.0 * N * out * r, [&] {
+      gemm.matmul(cu::GemmOp::NT, yp, u.as<cu::bf16>(), B.as<cu::bf16>(), N, out, r, 2.f, 1.f, s);
+    });
+    add("gemm dB+=s dy^T u (TN)", out, r, 2.0 * N * out, 2.0 * N * out * r, [&] {
+      gemm.matmul(cu::GemmOp::TN, dB.as<float>(), yp, u.as<cu::bf16>(), out, r, N, 2.f, 1.f, s);
+    });
+    add("gemm du=s dy B (NN)", out, r, 2.0 * N * out, 2.0 * N * out * r, [&] {
+      gemm.matmul(cu::GemmOp::NN, du.as<cu::bf16>(), yp, B.as<cu::bf16>(), N, r, out, 2.f, 0.f, s);
+    });
+  }
+  add("dropout_apply (reference pass)", 4096, 4096, 4.0 * N * 4096, 0, [&] {
+    cu::dropout_apply(yp, xp, N * 4096, 0.05, 7, false, s);
+  });
+  add("base gemm x W^T", 4096, 4096, 2.0 * (2 * N * 4096 + 4096 * 4096),
+      2.0 * N * 4096 * 4096, [&] {
+        gemm.matmul(cu::GemmOp::NT, yp, xp, W.as<cu::bf16>(), N, 4096, 4096, 1.f, 0.f, s);
+      });
+  add("base gemm x W^T", 4096, 14336, 2.0 * (N * 4096 + N * 14336 + 4096 * 14336),
+      2.0 * N * 4096 * 14336, [&] {
+        gemm.matmul(cu::GemmOp::NT, yp, xp, W.as<cu::bf16>(), N, 14336, 4096, 1.f, 0.f, s);
+      });
+
+  std::printf("%s, N = %lld tokens, r = %lld\n", cu::device_description(0).c_str(),
+              static_cast<long long>(N), static_cast<long long>(r));
+  std::printf("%-38s %12s %9s %8s %8s\n", "product", "in->out", "ms", "GB/s", "TFLOP/s");
+  std::ofstream js(out_path);
+  js << "{\"device\": \"" << cu::device_description(0) << "\", \"N\": " << N << ", \"r\": " << r
+     << ", \"rows\": [\n";
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Row& w = rows[i];
+    const double gbs = w.bytes / (w.ms * 1e6), tf = w.flops / (w.ms * 1e9);
+    std::printf("%-38s %12s %9.3f %8.0f %8.1f\n", w.name.c_str(), w.shape.c_str(), w.ms, gbs, tf);
+    js << "  {\"name\": \"" << w.name << "\", \"shape\": \"" << w.shape << "\", \"ms\": " << w.ms
+       << ", \"min_bytes\": " << w.bytes << ", \"flops\": " << w.flops << ", \"GBps\": " << gbs
+       << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
+  }
+  js << "]}\n";
+  return 0;
+}
