@@ -1,5 +1,5 @@
-// The fused LoRA kernels (dropout applied on the fly) against their CPU twin: the explicit
-// cpu::dropout_apply followed by the CPU matmuls, in fp32 on the same bf16 inputs. Shapes
+// The fused LoRA kernels (dropout applied on the fly, and the forward's up product) against
+// their CPU twin: the explicit cpu::dropout_apply followed by the CPU matmuls, in fp32 on the same bf16 inputs. Shapes
 // include ragged row counts, in not a multiple of the kernels' tiles, ranks 1..16, and
 // p = 0 / 0.05 / 0.5. Tolerance as in test_cuda_kernels.cpp (one bf16 rounding of outputs,
 // fp32 sums in another order); dA is fp32 throughout, so it gets 1e-4. Skips without a GPU.
@@ -19,8 +19,11 @@ TEST_CASE("cuda: fused LoRA down/up products with dropout vs cpu") {
   REQUIRE_GPU();
   std::mt19937 rng(17);
   struct Shape { int64_t N, in, r; };
+  // Ragged sizes around the kernels' tiles: rows per block (32 / 64), row chunks (128),
+  // staged columns (1024) and unrolled rows (4 / 8).
   for (const Shape sh : {Shape{1, 8, 1}, Shape{37, 136, 4}, Shape{300, 1032, 8},
-                         Shape{513, 264, 13}, Shape{1000, 2056, 16}, Shape{4096, 4096, 8}}) {
+                         Shape{513, 264, 13}, Shape{1000, 2056, 16}, Shape{131, 3080, 8},
+                         Shape{259, 1024, 16}, Shape{4096, 4096, 8}}) {
     const auto [N, in, r] = sh;
     CHECK(cu::lora_fused_supported(r, in, nullptr, nullptr));
     const F x = rand_bf16(rng, N * in), A = rand_bf16(rng, r * in, 0.05f);
@@ -47,6 +50,16 @@ TEST_CASE("cuda: fused LoRA down/up products with dropout vs cpu") {
       auto dDx = up(dx0);
       cu::lora_dx_backward(dDx.as<cu::bf16>(), dDu.as<cu::bf16>(), dAw.as<cu::bf16>(), N, in, r,
                            p, seed, nullptr);
+      // The forward's LoRA term: y += scale u B^T, B [in, r] (in plays the output width).
+      const F B = rand_bf16(rng, in * r, 0.05f), y0 = rand_bf16(rng, N * in);
+      F y_ref = y0;
+      cpu::matmul_nt(t.data(), du.data(), B.data(), N, in, r, 1.f, false);
+      for (int64_t i = 0; i < N * in; ++i) y_ref[i] += 0.75f * t[i];
+      auto dY = up(y0), dB = up(B);
+      cu::lora_up_forward(dY.as<cu::bf16>(), dDu.as<cu::bf16>(), dB.as<cu::bf16>(), N, in, r,
+                          0.75f, nullptr);
+      const double ey = err(down(dY, N * in), y_ref);
+      CHECK(ey < kTol);
       const double eu = err(down(dU, N * r), u_ref);
       const double ea = err(cu::to_host<float>(dGA, r * in), dA_ref);
       const double ex = err(down(dDx, N * in), dx_ref);
@@ -64,4 +77,10 @@ TEST_CASE("cuda: fused LoRA kernels refuse what they do not support") {
   CHECK_FALSE(ftune::cuda::lora_fused_supported(17, 64, nullptr, nullptr));
   CHECK_FALSE(ftune::cuda::lora_fused_supported(8, 12, nullptr, nullptr));
   CHECK_FALSE(ftune::cuda::lora_fused_supported(8, 64, reinterpret_cast<void*>(2), nullptr));
+  REQUIRE_GPU();
+  // A misaligned [N, r] operand is refused by the launch, not read wrongly.
+  cu::DeviceBuffer y(64 * 8 * 2 + 16), u(64 * 8 * 2 + 16), B(64 * 8 * 2);
+  CHECK_THROWS_AS(cu::lora_up_forward(y.as<cu::bf16>(), u.as<cu::bf16>() + 1, B.as<cu::bf16>(),
+                                      8, 64, 8, 1.f, nullptr),
+                  cu::CudaError);
 }

@@ -98,6 +98,9 @@ int main(int argc, char** argv) {
     add("gemm up y+=s u B^T (K=8, beta 1)", r, out, 4.0 * N * out, 2.0 * N * out * r, [&] {
       gemm.matmul(cu::GemmOp::NT, yp, u.as<cu::bf16>(), B.as<cu::bf16>(), N, out, r, 2.f, 1.f, s);
     });
+    add("up_fwd y+=s u B^T (fused kernel)", r, out, 4.0 * N * out, 2.0 * N * out * r, [&] {
+      cu::lora_up_forward(yp, u.as<cu::bf16>(), B.as<cu::bf16>(), N, out, r, 2.f, s);
+    });
     add("gemm dB+=s dy^T u (TN)", out, r, 2.0 * N * out, 2.0 * N * out * r, [&] {
       gemm.matmul(cu::GemmOp::TN, dB.as<float>(), yp, u.as<cu::bf16>(), out, r, N, 2.f, 1.f, s);
     });

@@ -8,7 +8,10 @@
 //   lora_down_backward: dA[r, in] += du^T (ks keep o x)          fp32 accumulator; fixed
 //                                                                 summation order (two passes)
 //   lora_dx_backward:   dx[N, in] += ks keep o (du A)            bf16, one rounding
+//   lora_up_forward:    y[N, out] += scale u B^T                 bf16, one rounding (the
+//                                                                 forward's LoRA term)
 // CPU twin: cpu::dropout_apply then cpu::matmul_nt / matmul_tn / matmul_nn (tests compare).
+// p == 0 skips the mask's hash altogether.
 // Supported when lora_fused_supported(r, in); callers fall back to dropout_apply + GEMMs.
 // Plain C++ header; implemented in src/kernels/cuda/lora.cu.
 #include <cstdint>
@@ -18,7 +21,8 @@
 namespace ftune::cuda {
 
 // r <= 16, in a multiple of 8 and the two row-major operands (x or dx, and A) 16-byte
-// aligned (16-byte rows throughout).
+// aligned (16-byte rows throughout); the launchers also need the [N, r] operand (u or du)
+// 16-byte aligned.
 bool lora_fused_supported(int64_t r, int64_t in, const void* x, const void* A);
 
 // x [N, in], A [r, in], u [N, r].
@@ -35,5 +39,10 @@ void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int
 // dx [N, in] (+=); du [N, r]; A [r, in].
 void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_t in, int64_t r,
                       double p, uint64_t seed, stream_t stream);
+
+// y [N, out] (+=); u [N, r]; B [out, r] (PEFT's lora_B layout, any alignment). Supported
+// when lora_fused_supported(r, out, y, u).
+void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t out, int64_t r,
+                     float scale, stream_t stream);
 
 }  // namespace ftune::cuda

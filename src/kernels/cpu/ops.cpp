@@ -295,13 +295,21 @@ static inline uint64_t mix64(uint64_t z) {  // splitmix64 finaliser
 }
 
 bool dropout_keep(uint64_t seed, uint64_t i, double p) {
-  // One splitmix64 draw per pair of elements (the stream of `seed`, draw i / 2); element i
-  // takes its low (even i) or high (odd i) 32 bits as u in [0, 2^32). Keep iff
-  // u >= ceil(p * 2^32): exact in double (p * 2^32 is a power-of-two scaling). Half a hash
-  // per element keeps the GPU's dropout memory-bound instead of integer-multiply-bound.
-  const uint64_t r = mix64(seed + (i >> 1) * 0x9E3779B97F4A7C15ull);
-  const uint64_t u = (i & 1) ? (r >> 32) : (r & 0xffffffffull);
-  return static_cast<double>(u) >= std::ceil(p * 4294967296.0);
+  // A 32-bit key per seed, one murmur3-finaliser draw r per pair of elements (draw i / 2);
+  // element i takes the low (even i) or high (odd i) 16 bits of r as u in [0, 2^16). Keep
+  // iff u >= ceil(p * 2^16): exact in double (a power-of-two scaling), so p is honoured to
+  // 1/65536. A cheap 32-bit hash keeps the GPU's fused dropout memory-bound.
+  const uint32_t key = static_cast<uint32_t>(mix64(seed));
+  const uint64_t pair = i >> 1;
+  uint32_t h = static_cast<uint32_t>(pair) * 0x9E3779B9u + key +
+               static_cast<uint32_t>(pair >> 32) * 0x632BE5ABu;
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  const uint32_t u = (i & 1) ? (h >> 16) : (h & 0xffffu);
+  return static_cast<double>(u) >= std::ceil(p * 65536.0);
 }
 
 template <typename T>

@@ -92,11 +92,11 @@ struct Add {
   }
 };
 
-// Dropout: one splitmix64 draw per pair of elements (dropout_draw / keep_bit, common.cuh);
+// Dropout: one 32-bit draw per pair of elements (dropout_draw / keep_bit, common.cuh);
 // a dedicated kernel (not ew_kernel) so each thread draws once per pair: 8 elements, 4 draws.
 template <bool kAccumulate>
 __global__ void dropout_kernel(__nv_bfloat16* y, const __nv_bfloat16* x, int64_t n,
-                               uint64_t seed, uint64_t threshold, float scale, bool vec) {
+                               uint32_t key, uint32_t threshold, float scale, bool vec) {
   const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   int64_t done = 0;
@@ -108,7 +108,7 @@ __global__ void dropout_kernel(__nv_bfloat16* y, const __nv_bfloat16* x, int64_t
       if constexpr (kAccumulate) load8(y + c * 8, yv);
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
-        const uint64_t r = dropout_draw(seed, static_cast<uint64_t>(c * 4 + m));
+        const uint32_t r = dropout_draw(key, static_cast<uint64_t>(c * 4 + m));
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float v = keep_bit(r, h, threshold) ? xv[2 * m + h] * scale : 0.f;
@@ -120,7 +120,7 @@ __global__ void dropout_kernel(__nv_bfloat16* y, const __nv_bfloat16* x, int64_t
     done = chunks * 8;
   }
   for (int64_t i = done + tid; i < n; i += stride) {
-    const uint64_t r = dropout_draw(seed, static_cast<uint64_t>(i) >> 1);
+    const uint32_t r = dropout_draw(key, static_cast<uint64_t>(i) >> 1);
     const float v = keep_bit(r, static_cast<int>(i & 1), threshold) ? ld(x + i) * scale : 0.f;
     st(y + i, kAccumulate ? ld(y + i) + v : v);
   }
@@ -146,17 +146,16 @@ void dropout_apply(bf16* y, const bf16* x, int64_t n, double p, uint64_t seed,
                    bool accumulate, stream_t stream) {
   if (!(p >= 0.0 && p < 1.0)) throw CudaError("dropout_apply: p must be in [0, 1)");
   if (n <= 0) return;
-  // p * 2^32 is exact (a power-of-two scaling), so its ceiling is the exact threshold.
-  const uint64_t threshold = static_cast<uint64_t>(std::ceil(p * 4294967296.0));
+  const uint32_t threshold = dropout_threshold(p), key = dropout_key(seed);
   const float scale = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;  // CPU's keep_scale
   const bool vec = aligned16(x) && aligned16(y);
   const int threads = 256;
   const int blocks = grid_for(vec ? (n + 7) / 8 : n, threads);
   if (accumulate)
-    dropout_kernel<true><<<blocks, threads, 0, stream>>>(dev(y), dev(x), n, seed, threshold,
+    dropout_kernel<true><<<blocks, threads, 0, stream>>>(dev(y), dev(x), n, key, threshold,
                                                          scale, vec);
   else
-    dropout_kernel<false><<<blocks, threads, 0, stream>>>(dev(y), dev(x), n, seed, threshold,
+    dropout_kernel<false><<<blocks, threads, 0, stream>>>(dev(y), dev(x), n, key, threshold,
                                                           scale, vec);
   FTUNE_CUDA_LAUNCH_CHECK();
 }

@@ -1,6 +1,8 @@
 // Fused LoRA rank-r products with on-the-fly dropout (see cuda_lora.hpp). CUDA cores, not
-// tensor cores: r <= 16 makes these memory-bound (one pass over x or dx), and what they
-// replace was three passes plus a materialised dropout(x).
+// tensor cores: r <= 16 makes these memory-bound (one pass over x, dx or y). Each kernel is
+// shaped so that the big operand streams in 16-byte loads with several rows in flight per
+// thread, and the small one (A, B, u, du) is read from registers or shared memory: the first
+// versions re-read A through L1 for every 4 rows and reached 0.55-0.9 TB/s on an H200.
 #include <type_traits>
 
 #include "common.cuh"
@@ -10,64 +12,113 @@ namespace ftune::cuda {
 namespace {
 using namespace detail;
 
-constexpr int kWarps = 8;  // per block
+// The dropout mask of dropout_apply over flat indices, and whether to evaluate it at all
+// (p == 0 skips the hash).
+struct Mask {
+  uint32_t key, thr;
+  float ks;
+};
 
-// The 8 keep-scales of elements [i, i + 8), i a multiple of 8 (4 draws).
-__device__ __forceinline__ void keep8(float (&k)[8], uint64_t seed, uint64_t i, uint64_t thr,
-                                      float ks) {
+// keep-scales k[e] of elements [i, i + W), i a multiple of W (W even: W / 2 draws).
+template <int W, bool DROP>
+__device__ __forceinline__ void keep_scales(float (&k)[W], const Mask& m, uint64_t i) {
 #pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    const uint64_t r = dropout_draw(seed, i / 2 + m);
-    k[2 * m] = keep_bit(r, 0, thr) ? ks : 0.f;
-    k[2 * m + 1] = keep_bit(r, 1, thr) ? ks : 0.f;
-  }
-}
-
-// a[k][0..8) = A[k, c..c+8) for k < r, zeros for the padding ranks r..R-1.
-template <int R>
-__device__ __forceinline__ void load_a8(float (&a)[R][8], const __nv_bfloat16* A, int64_t in,
-                                        int64_t c, int r) {
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    if (k < r) {
-      load8(A + k * in + c, a[k]);
+  for (int j = 0; j < W / 2; ++j) {
+    if constexpr (DROP) {
+      const uint32_t d = dropout_draw(m.key, i / 2 + j);
+      k[2 * j] = keep_bit(d, 0, m.thr) ? m.ks : 0.f;
+      k[2 * j + 1] = keep_bit(d, 1, m.thr) ? m.ks : 0.f;
     } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) a[k][e] = 0.f;
+      k[2 * j] = k[2 * j + 1] = 1.f;
     }
   }
 }
 
-// One warp per ROWS rows; lanes stride over 8-column groups; A is read through L1 once per
-// ROWS rows. Then a warp reduction per output.
-template <int R, int ROWS>
-__global__ void down_forward_kernel(__nv_bfloat16* u, const __nv_bfloat16* x,
-                                    const __nv_bfloat16* A, int64_t N, int64_t in, int r,
-                                    uint64_t seed, uint64_t thr, float ks) {
+// W consecutive bf16 (W = 4 or 8: one 8- or 16-byte access) as raw bits, and to floats.
+template <int W>
+using Raw = std::conditional_t<W == 8, uint4, uint2>;
+template <int W>
+__device__ __forceinline__ Raw<W> load_raw(const __nv_bfloat16* p) {
+  return *reinterpret_cast<const Raw<W>*>(p);
+}
+template <int W>
+__device__ __forceinline__ void to_floats(const Raw<W>& raw, float (&v)[W]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int j = 0; j < W / 2; ++j) {
+    const float2 f = __bfloat1622float2(h[j]);
+    v[2 * j] = f.x;
+    v[2 * j + 1] = f.y;
+  }
+}
+
+// d[k] = v[n, k] for k < r, zeros for the padding ranks (one 16-byte load per 8 when r == R).
+template <int R>
+__device__ __forceinline__ void load_rank_row(float (&d)[R], const __nv_bfloat16* v, int64_t n,
+                                              int r) {
+  if (r == R) {
+#pragma unroll
+    for (int k = 0; k < R; k += 8) {
+      float t[8];
+      load8(v + n * R + k, t);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) d[k + e] = t[e];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < R; ++k) d[k] = k < r ? ld(v + n * r + k) : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------- u = (keep x) A^T
+// A block of 8 warps owns 8 * ROWS rows; A is staged in shared memory kFwdCols columns at a
+// time and shared by the block; lanes stride over 8-column groups with ROWS 16-byte loads of
+// x in flight; one warp reduction per output at the end.
+constexpr int kFwdWarps = 8;
+constexpr int kFwdCols = 1024;
+template <int R, int ROWS, bool DROP>
+__global__ void __launch_bounds__(kFwdWarps * 32, 2)
+    down_forward_kernel(__nv_bfloat16* u, const __nv_bfloat16* x, const __nv_bfloat16* A,
+                        int64_t N, int64_t in, int r, Mask m) {
+  __shared__ __align__(16) __nv_bfloat16 a_s[R][kFwdCols];
   const int lane = threadIdx.x & 31;
-  const int64_t warp = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
-  const int64_t row0 = warp * ROWS;
-  if (row0 >= N) return;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / 32) * ROWS;
   float acc[ROWS][R];
 #pragma unroll
   for (int j = 0; j < ROWS; ++j)
 #pragma unroll
     for (int k = 0; k < R; ++k) acc[j][k] = 0.f;
-  for (int64_t c = lane * 8; c < in; c += 32 * 8) {
-    float a[R][8];
-    load_a8<R>(a, A, in, c, r);
+  for (int64_t c0 = 0; c0 < in; c0 += kFwdCols) {
+    const int width = static_cast<int>(in - c0 < kFwdCols ? in - c0 : kFwdCols);  // % 8 == 0
+    __syncthreads();  // the previous chunk's readers are done
+    for (int t = threadIdx.x; t < R * (kFwdCols / 8); t += blockDim.x) {
+      const int k = t / (kFwdCols / 8), g = (t % (kFwdCols / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (k < r && g < width) v = *reinterpret_cast<const uint4*>(A + k * in + c0 + g);
+      *reinterpret_cast<uint4*>(&a_s[k][g]) = v;
+    }
+    __syncthreads();
+    if (row0 >= N) continue;  // no early return: the block's barriers need every thread
+    for (int cc = lane * 8; cc < width; cc += 32 * 8) {
+      const int64_t c = c0 + cc;
+      uint4 xr[ROWS];
 #pragma unroll
-    for (int j = 0; j < ROWS; ++j) {
-      const int64_t n = row0 + j;
-      if (n >= N) break;
-      float xv[8], kv[8];
-      load8(x + n * in + c, xv);
-      keep8(kv, seed, static_cast<uint64_t>(n * in + c), thr, ks);
+      for (int j = 0; j < ROWS; ++j)
+        xr[j] = row0 + j < N ? load_raw<8>(x + (row0 + j) * in + c) : make_uint4(0, 0, 0, 0);
+      float a[R][8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float xm = xv[e] * kv[e];
+      for (int k = 0; k < R; ++k) load8(&a_s[k][cc], a[k]);
 #pragma unroll
-        for (int k = 0; k < R; ++k) acc[j][k] = fmaf(xm, a[k][e], acc[j][k]);
+      for (int j = 0; j < ROWS; ++j) {
+        float xv[8], kv[8];
+        to_floats<8>(xr[j], xv);
+        keep_scales<8, DROP>(kv, m, static_cast<uint64_t>((row0 + j) * in + c));
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float xm = xv[e] * kv[e];
+#pragma unroll
+          for (int k = 0; k < R; ++k) acc[j][k] = fmaf(xm, a[k][e], acc[j][k]);
+        }
       }
     }
   }
@@ -82,43 +133,65 @@ __global__ void down_forward_kernel(__nv_bfloat16* u, const __nv_bfloat16* x,
   }
 }
 
-// Pass 1: block (column tile of 2*blockDim columns, row chunk of kChunk rows) writes
-// partial[chunk, k, c] = sum over its rows of du[n, k] * keep * x[n, c].
-constexpr int kChunk = 256;
-constexpr int kColThreads = 256;
+// ---------------------------------------------------------------- dA += du^T (keep x)
+// Pass 1: block (column tile of kBwdThreads * W columns, chunk of kBwdRows rows) writes
+// partial[chunk, k, c] = sum over its rows of du[n, k] * keep * x[n, c]; a thread owns W
+// columns and keeps kBwdUnroll rows of x in flight. Pass 2 adds the chunks in order, so the
+// sum never depends on scheduling.
+constexpr int kBwdRows = 128;
+constexpr int kBwdThreads = 64;
+constexpr int kBwdUnroll = 8;
 template <int R>
-__global__ void down_backward_partial(float* partial, const __nv_bfloat16* du,
-                                      const __nv_bfloat16* x, int64_t N, int64_t in, int r,
-                                      uint64_t seed, uint64_t thr, float ks) {
-  __shared__ float du_s[kChunk][R];
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kChunk;
-  const int rows = static_cast<int>(N - n0 < kChunk ? N - n0 : kChunk);
+__host__ __device__ constexpr int bwd_cols() { return R <= 8 ? 8 : 4; }  // 64 accumulators per thread
+template <int R, bool DROP>
+__global__ void __launch_bounds__(kBwdThreads)
+    down_backward_partial(float* partial, const __nv_bfloat16* du, const __nv_bfloat16* x,
+                          int64_t N, int64_t in, int r, Mask m) {
+  constexpr int W = bwd_cols<R>();
+  __shared__ float du_s[kBwdRows][R];
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBwdRows;
+  const int rows = static_cast<int>(N - n0 < kBwdRows ? N - n0 : kBwdRows);
   for (int t = threadIdx.x; t < rows * R; t += blockDim.x) {
     const int n = t / R, k = t % R;
     du_s[n][k] = k < r ? ld(du + (n0 + n) * r + k) : 0.f;
   }
   __syncthreads();
-  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x) * 2;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x) * W;
   if (c >= in) return;
-  float acc[R][2];
+  float acc[R][W];
 #pragma unroll
-  for (int k = 0; k < R; ++k) acc[k][0] = acc[k][1] = 0.f;
-  for (int n = 0; n < rows; ++n) {
-    const int64_t i = (n0 + n) * in + c;  // even: in and c are even
-    const __nv_bfloat162 xv = *reinterpret_cast<const __nv_bfloat162*>(x + i);
-    const uint64_t d = dropout_draw(seed, static_cast<uint64_t>(i) / 2);
-    const float x0 = keep_bit(d, 0, thr) ? __low2float(xv) * ks : 0.f;
-    const float x1 = keep_bit(d, 1, thr) ? __high2float(xv) * ks : 0.f;
+  for (int k = 0; k < R; ++k)
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      acc[k][0] = fmaf(du_s[n][k], x0, acc[k][0]);
-      acc[k][1] = fmaf(du_s[n][k], x1, acc[k][1]);
+    for (int e = 0; e < W; ++e) acc[k][e] = 0.f;
+  for (int n = 0; n < rows; n += kBwdUnroll) {
+    Raw<W> xr[kBwdUnroll];
+#pragma unroll
+    for (int j = 0; j < kBwdUnroll; ++j)
+      if (n + j < rows) xr[j] = load_raw<W>(x + (n0 + n + j) * in + c);
+#pragma unroll
+    for (int j = 0; j < kBwdUnroll; ++j) {
+      if (n + j >= rows) break;
+      float xv[W], kv[W];
+      to_floats<W>(xr[j], xv);
+      keep_scales<W, DROP>(kv, m, static_cast<uint64_t>((n0 + n + j) * in + c));
+#pragma unroll
+      for (int e = 0; e < W; ++e) xv[e] *= kv[e];
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        const float d = du_s[n + j][k];
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[k][e] = fmaf(d, xv[e], acc[k][e]);
+      }
     }
   }
   float* out = partial + static_cast<int64_t>(blockIdx.y) * r * in;
-  for (int k = 0; k < r; ++k) {
-    out[k * in + c] = acc[k][0];
-    out[k * in + c + 1] = acc[k][1];
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (k >= r) break;
+#pragma unroll
+    for (int e = 0; e < W; e += 4)
+      *reinterpret_cast<float4*>(out + k * in + c + e) =
+          make_float4(acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
   }
 }
 
@@ -133,61 +206,98 @@ __global__ void down_backward_reduce(float* dA, const float* partial, int chunks
   }
 }
 
-// dx[n, c..c+8) += keep * sum_k du[n, k] A[k, c..c+8). A thread owns one 8-column group
-// (its A slice stays in registers) for kDxRows rows; a warp covers 256 adjacent columns of
-// one row, so dx moves in 512-byte runs and du[n, :] is a broadcast.
-constexpr int kDxRows = 64;
-constexpr int kDxThreads = 128;
-template <int R>
-__global__ void dx_backward_kernel(__nv_bfloat16* dx, const __nv_bfloat16* du,
-                                   const __nv_bfloat16* A, int64_t N, int64_t in, int r,
-                                   uint64_t seed, uint64_t thr, float ks) {
-  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kDxThreads + threadIdx.x) * 8;
-  if (c >= in) return;
+// ---------------------------------------------------------------- y += alpha keep (v M)
+// The rank-r up product, shared by the input gradient (dx += keep (du A), M = A [r, cols])
+// and the forward's LoRA term (y += scale u B^T, M = B^T: B is [cols, r], B_LAYOUT). A thread
+// owns one 8-column group (its slice of M in registers; m_vec: B's rows may be read in
+// 16-byte loads) for kUpRows rows, kUpUnroll rows of y
+// in flight; a warp covers 256 adjacent columns of one row, so y moves in 512-byte runs and
+// v[n, :] is a broadcast. y is read in bf16, the sum added in fp32, rounded once.
+constexpr int kUpRows = 32;
+constexpr int kUpThreads = 128;
+constexpr int kUpUnroll = 4;
+template <int R, bool DROP, bool B_LAYOUT>
+__global__ void __launch_bounds__(kUpThreads)
+    rank_up_kernel(__nv_bfloat16* y, const __nv_bfloat16* v, const __nv_bfloat16* M,
+                   int64_t N, int64_t cols, int r, float alpha, Mask m, bool m_vec) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * 8;
+  if (c >= cols) return;
   float a[R][8];
-  load_a8<R>(a, A, in, c, r);
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kDxRows;
-  const int64_t n1 = N < n0 + kDxRows ? N : n0 + kDxRows;
-  for (int64_t n = n0; n < n1; ++n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (B_LAYOUT && r == R && m_vec) {  // rows of B are R bf16: 16-byte loads, transposed
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+#pragma unroll
+      for (int k = 0; k < R; k += 8) {
+        float t[8];
+        load8(M + (c + e) * R + k, t);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) a[k + q][e] = t[q];
+      }
+  } else {
 #pragma unroll
     for (int k = 0; k < R; ++k) {
-      const float d = k < r ? ld(du + n * r + k) : 0.f;
+      if (k < r && !B_LAYOUT) {
+        load8(M + k * cols + c, a[k]);
+      } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = fmaf(d, a[k][e], acc[e]);
+        for (int e = 0; e < 8; ++e) a[k][e] = k < r ? ld(M + (c + e) * r + k) : 0.f;
+      }
     }
-    float kv[8], y[8];
-    keep8(kv, seed, static_cast<uint64_t>(n * in + c), thr, ks);
-    load8(dx + n * in + c, y);
+  }
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kUpRows;
+  const int64_t n1 = N < n0 + kUpRows ? N : n0 + kUpRows;
+  for (int64_t n = n0; n < n1; n += kUpUnroll) {
+    uint4 yr[kUpUnroll];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) y[e] += kv[e] * acc[e];
-    store8(dx + n * in + c, y);
+    for (int j = 0; j < kUpUnroll; ++j)
+      if (n + j < n1) yr[j] = load_raw<8>(y + (n + j) * cols + c);
+#pragma unroll
+    for (int j = 0; j < kUpUnroll; ++j) {
+      if (n + j >= n1) break;
+      float d[R], acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      load_rank_row<R>(d, v, n + j, r);
+#pragma unroll
+      for (int k = 0; k < R; ++k)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(d[k], a[k][e], acc[e]);
+      float kv[8], out[8];
+      keep_scales<8, DROP>(kv, m, static_cast<uint64_t>((n + j) * cols + c));
+      to_floats<8>(yr[j], out);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] += kv[e] * (alpha * acc[e]);
+      store8(y + (n + j) * cols + c, out);
+    }
   }
 }
 
-// The dropout mask of dropout_apply: keep threshold and keep scale 1 / (1 - p).
-struct Mask {
-  uint64_t thr;
-  float ks;
-};
-
-// Validates a launch (throws on what the kernels do not support) and returns its mask.
-Mask checked_mask(int64_t r, int64_t in, double p, const void* x, const void* A) {
-  if (!lora_fused_supported(r, in, x, A))
+// Validates a launch (throws on what the kernels do not support) and returns its mask. v is
+// the [N, r] operand (u or du), read in 16-byte rows when r fills the register tile.
+Mask checked_mask(int64_t r, int64_t in, double p, uint64_t seed, const void* x, const void* A,
+                  const void* v) {
+  if (!lora_fused_supported(r, in, x, A) || !aligned16(v))
     throw CudaError("fused LoRA kernels: r = " + std::to_string(r) + ", in = " +
                     std::to_string(in) + " not supported (r <= 16, in % 8 == 0, 16-byte aligned)");
   if (!(p >= 0.0 && p < 1.0)) throw CudaError("fused LoRA kernels: p must be in [0, 1)");
-  return {dropout_threshold(p), p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f};
+  return {dropout_key(seed), dropout_threshold(p), p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f};
 }
 
-// f(std::integral_constant<int, R>) with the kernels' register tile R: 8 for r <= 8, else 16.
+// f(std::integral_constant<int, R>, std::bool_constant<DROP>) with the kernels' register
+// tile R (8 for r <= 8, else 16) and whether a mask is drawn (p > 0).
 template <class F>
-void with_rank_tile(int64_t r, F&& f) {
+void dispatch(int64_t r, double p, F&& f) {
+  auto with_drop = [&](auto tile) {
+    if (p > 0)
+      f(tile, std::true_type{});
+    else
+      f(tile, std::false_type{});
+  };
   if (r <= 8)
-    f(std::integral_constant<int, 8>{});
+    with_drop(std::integral_constant<int, 8>{});
   else
-    f(std::integral_constant<int, 16>{});
+    with_drop(std::integral_constant<int, 16>{});
 }
+
+unsigned rows_grid(int64_t N, int rows) { return static_cast<unsigned>((N + rows - 1) / rows); }
 
 }  // namespace
 
@@ -197,32 +307,33 @@ bool lora_fused_supported(int64_t r, int64_t in, const void* x, const void* A) {
 
 void lora_down_forward(bf16* u, const bf16* x, const bf16* A, int64_t N, int64_t in, int64_t r,
                        double p, uint64_t seed, stream_t stream) {
-  const Mask m = checked_mask(r, in, p, x, A);
+  const Mask m = checked_mask(r, in, p, seed, x, A, u);
   if (N <= 0) return;
-  with_rank_tile(r, [&](auto tile) {
+  dispatch(r, p, [&](auto tile, auto drop) {
     constexpr int R = decltype(tile)::value, ROWS = 32 / R;  // 32 accumulators per lane
-    const unsigned blocks = static_cast<unsigned>((N + kWarps * ROWS - 1) / (kWarps * ROWS));
-    down_forward_kernel<R, ROWS><<<blocks, kWarps * 32, 0, stream>>>(
-        dev(u), dev(x), dev(A), N, in, static_cast<int>(r), seed, m.thr, m.ks);
+    down_forward_kernel<R, ROWS, decltype(drop)::value>
+        <<<rows_grid(N, kFwdWarps * ROWS), kFwdWarps * 32, 0, stream>>>(
+            dev(u), dev(x), dev(A), N, in, static_cast<int>(r), m);
   });
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 
 int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r) {
-  return (N + kChunk - 1) / kChunk * r * in;
+  return (N + kBwdRows - 1) / kBwdRows * r * in;
 }
 
 void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int64_t in,
                         int64_t r, double p, uint64_t seed, float alpha, float* workspace,
                         stream_t stream) {
-  const Mask m = checked_mask(r, in, p, x, x);
+  const Mask m = checked_mask(r, in, p, seed, x, x, du);
   if (N <= 0) return;
-  const int chunks = static_cast<int>((N + kChunk - 1) / kChunk);
-  const dim3 grid(static_cast<unsigned>((in / 2 + kColThreads - 1) / kColThreads),
-                  static_cast<unsigned>(chunks));
-  with_rank_tile(r, [&](auto tile) {
-    down_backward_partial<decltype(tile)::value><<<grid, kColThreads, 0, stream>>>(
-        workspace, dev(du), dev(x), N, in, static_cast<int>(r), seed, m.thr, m.ks);
+  const int chunks = static_cast<int>((N + kBwdRows - 1) / kBwdRows);
+  dispatch(r, p, [&](auto tile, auto drop) {
+    constexpr int R = decltype(tile)::value, W = bwd_cols<R>();
+    const dim3 grid(static_cast<unsigned>((in / W + kBwdThreads - 1) / kBwdThreads),
+                    static_cast<unsigned>(chunks));
+    down_backward_partial<R, decltype(drop)::value><<<grid, kBwdThreads, 0, stream>>>(
+        workspace, dev(du), dev(x), N, in, static_cast<int>(r), m);
   });
   FTUNE_CUDA_LAUNCH_CHECK();
   const int64_t n = r * in;
@@ -232,13 +343,25 @@ void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int
 
 void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_t in, int64_t r,
                       double p, uint64_t seed, stream_t stream) {
-  const Mask m = checked_mask(r, in, p, dx, A);
+  const Mask m = checked_mask(r, in, p, seed, dx, A, du);
   if (N <= 0) return;
-  const dim3 grid(static_cast<unsigned>((in / 8 + kDxThreads - 1) / kDxThreads),
-                  static_cast<unsigned>((N + kDxRows - 1) / kDxRows));
-  with_rank_tile(r, [&](auto tile) {
-    dx_backward_kernel<decltype(tile)::value><<<grid, kDxThreads, 0, stream>>>(
-        dev(dx), dev(du), dev(A), N, in, static_cast<int>(r), seed, m.thr, m.ks);
+  const dim3 grid(static_cast<unsigned>((in / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kUpRows));
+  dispatch(r, p, [&](auto tile, auto drop) {
+    rank_up_kernel<decltype(tile)::value, decltype(drop)::value, false>
+        <<<grid, kUpThreads, 0, stream>>>(dev(dx), dev(du), dev(A), N, in, static_cast<int>(r),
+                                          1.f, m, true);
+  });
+  FTUNE_CUDA_LAUNCH_CHECK();
+}
+
+void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t out, int64_t r,
+                     float scale, stream_t stream) {
+  const Mask m = checked_mask(r, out, 0.0, 0, y, y, u);  // B is read in scalars
+  if (N <= 0) return;
+  const dim3 grid(static_cast<unsigned>((out / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kUpRows));
+  dispatch(r, 0.0, [&](auto tile, auto) {
+    rank_up_kernel<decltype(tile)::value, false, true><<<grid, kUpThreads, 0, stream>>>(
+        dev(y), dev(u), dev(B), N, out, static_cast<int>(r), scale, m, aligned16(B));
   });
   FTUNE_CUDA_LAUNCH_CHECK();
 }
