@@ -41,8 +41,8 @@ for s in "$@"; do
     test) step test ctest --test-dir build -L gpu --output-on-failure --timeout 600
           grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/test.log" | tail -20 ;;
     lora) step lora build/bench_lora "$OUT/bench_lora.json"; cat "$OUT/lora.log" ;;
-    hf) step hf python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench_hf" --work "$WORK" \
-          --shapes 8b --batches 4 --checkpointing on --impls hf_eager,hf_compiled --steps 5 --warmup 3
+    hf) step hf python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench" --work "$WORK" \
+          --shapes 8b --batches 4 --checkpointing on --impls hf_eager,hf_compiled --steps 5 --warmup 3 --timeout 250 --tag hf
         tail -8 "$OUT/hf.log" ;;
     bench) step bench python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench" --work "$WORK" \
              --shapes 8b --batches 4 --checkpointing on --impls ftune --steps 6 --warmup 2
@@ -56,3 +56,6 @@ for s in "$@"; do
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
+# The device tool returns at most 8 files: the benchmark folders travel as one archive.
+[ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+exit 0

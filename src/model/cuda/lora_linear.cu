@@ -63,12 +63,14 @@ void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* 
 
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,
                      const bf16* dy, const bf16* x, const bf16* u) {
-  {
+  // Everything that reads x runs before the base product writes dx, so dx may alias x (the
+  // transformer writes the down projection's input gradient over its input).
+  auto base_dx = [&] {
     ProfileScope ps(op.prof, Phase::base_gemm_bwd, op.stream);
     op.gemm.matmul(GemmOp::NN, dx, dy, op.W, op.N, op.in, op.out, 1.f,
                    accumulate ? 1.f : 0.f, op.stream);
-  }
-  if (!op.slot) return;
+  };
+  if (!op.slot) return base_dx();
   const LoraSlot& s = *op.slot;
   const int64_t r = lc.adapter->spec.rank;
   const float scale = lc.adapter->spec.scale();
@@ -81,9 +83,13 @@ void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accum
                    op.stream);
   }
   if (fused(op, lc, x) && fused(op, lc, dx)) {
+    {
+      ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
+      lora_down_backward(lc.grads + s.a_offset, op.du, x, op.N, op.in, r, lc.dropout,
+                         op.dropout_seed, 1.f, op.lora_ws, op.stream);
+    }
+    base_dx();
     ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
-    lora_down_backward(lc.grads + s.a_offset, op.du, x, op.N, op.in, r, lc.dropout,
-                       op.dropout_seed, 1.f, op.lora_ws, op.stream);
     lora_dx_backward(dx, op.du, lc.params + s.a_offset, op.N, op.in, r, lc.dropout,
                      op.dropout_seed, op.stream);
     return;
@@ -93,6 +99,10 @@ void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accum
     ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
     op.gemm.matmul(GemmOp::TN, lc.grads + s.a_offset, op.du, xin, r, op.in, op.N, 1.f, 1.f,
                    op.stream);
+  }
+  base_dx();
+  {
+    ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
     if (lc.dropout > 0)
       op.gemm.matmul(GemmOp::NN, op.xd, op.du, lc.params + s.a_offset, op.N, op.in, r, 1.f,
                      0.f, op.stream);

@@ -43,7 +43,8 @@ struct LinearOp {
 void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf16* u);
 // y = ...; keeps u = dropout(x) A^T [N, r] for backward.
 void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u);
-// dx (+)= dy W + the LoRA path's input gradient; dA, dB added into lc.grads.
+// dx (+)= dy W + the LoRA path's input gradient; dA, dB added into lc.grads. dx may alias x
+// when accumulate is false (x is read before dx is written).
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,
                      const bf16* dy, const bf16* x, const bf16* u);
 

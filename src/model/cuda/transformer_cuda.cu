@@ -308,11 +308,14 @@ struct CudaTransformer::Impl {
     const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
 
     using cm::Phase;
-    // MLP: x_out = x_mid + down(swiglu(gate(xn2), up(xn2)))
-    lin_bwd(l, Proj::down, lc, b.dh, false, b.dx, A.h);
-    { Scope ps(&prof, Phase::elementwise, s); cu::swiglu_backward(b.dgate, b.dup, b.dh, A.gate, A.up, N * I, s); }
-    lin_bwd(l, Proj::gate, lc, b.dxn, false, b.dgate, A.xn2);
-    lin_bwd(l, Proj::up, lc, b.dxn, true, b.dup, A.xn2);
+    // MLP: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))). The [N, I] gradients are
+    // written over the activations they replace (h, then gate and up in place), which are
+    // dead by then: three [N, I] buffers fewer (705 MB at the 8B shape, batch 4).
+    bf16 *dh = A.h, *dgate = A.gate, *dup = A.up;
+    lin_bwd(l, Proj::down, lc, dh, false, b.dx, A.h);
+    { Scope ps(&prof, Phase::elementwise, s); cu::swiglu_backward(dgate, dup, dh, A.gate, A.up, N * I, s); }
+    lin_bwd(l, Proj::gate, lc, b.dxn, false, dgate, A.xn2);
+    lin_bwd(l, Proj::up, lc, b.dxn, true, dup, A.xn2);
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_backward(b.dx, b.dxn, A.x_mid, L.post_norm, A.rstd2, N, H, true, s); }
 
     // Attention: x_mid = x + o(attn(rope(q), rope(k), v))

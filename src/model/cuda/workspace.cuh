@@ -57,7 +57,7 @@ struct Buffers {
   // the recompute skips attention (empty without checkpointing: acts hold them).
   std::vector<bf16*> att_saved;
   std::vector<float*> lse_saved;
-  bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *dgate, *dup, *dh, *xd, *du;
+  bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *xd, *du;  // MLP grads: in acts
   bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
   float* lora_ws;                      // fused LoRA backward partial sums
   float *rstd_f, *row_loss;
@@ -106,9 +106,6 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
   b.dv = cv.take<bf16>(N * kvd);
   b.dq_pre = c.qk_norm ? cv.take<bf16>(N * qd) : nullptr;
   b.dk_pre = c.qk_norm ? cv.take<bf16>(N * kvd) : nullptr;
-  b.dgate = cv.take<bf16>(N * I);
-  b.dup = cv.take<bf16>(N * I);
-  b.dh = cv.take<bf16>(N * I);
   b.xd = cv.take<bf16>(N * widest);
   b.du = cv.take<bf16>(N * d.rank);
   b.lora_ws = cv.take<float>(lora_down_backward_workspace(N, widest, d.rank));
