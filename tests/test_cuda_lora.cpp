@@ -84,3 +84,38 @@ TEST_CASE("cuda: fused LoRA kernels refuse what they do not support") {
                                       8, 64, 8, 1.f, nullptr),
                   cu::CudaError);
 }
+
+// lora_swiglu_forward against its twin: gate/up + scale u B^T rounded to bf16 once (as
+// lora_up_forward writes them), then h = silu(gate) up rounded once (as swiglu_forward).
+TEST_CASE("cuda: gate/up LoRA terms fused with SwiGLU vs cpu") {
+  REQUIRE_GPU();
+  std::mt19937 rng(29);
+  struct Shape { int64_t N, I, r; };
+  for (const Shape sh : {Shape{1, 8, 1}, Shape{33, 200, 3}, Shape{70, 1032, 8},
+                         Shape{1000, 2048, 8}}) {
+    const auto [N, I, r] = sh;
+    const float scale = 2.f;
+    const F g0 = rand_bf16(rng, N * I), u0 = rand_bf16(rng, N * I);
+    const F ug = rand_bf16(rng, N * r), uu = rand_bf16(rng, N * r);
+    const F Bg = rand_bf16(rng, I * r, 0.1f), Bu = rand_bf16(rng, I * r, 0.1f);
+    F tg(N * I), tu(N * I), g_ref(N * I), u_ref(N * I), h_ref(N * I);
+    cpu::matmul_nt(tg.data(), ug.data(), Bg.data(), N, I, r, 1.f, false);
+    cpu::matmul_nt(tu.data(), uu.data(), Bu.data(), N, I, r, 1.f, false);
+    for (int64_t i = 0; i < N * I; ++i) {
+      g_ref[i] = rbf(g0[i] + scale * tg[i]);
+      u_ref[i] = rbf(u0[i] + scale * tu[i]);
+      h_ref[i] = g_ref[i] / (1.f + std::exp(-g_ref[i])) * u_ref[i];
+    }
+    REQUIRE(cu::lora_swiglu_supported(r, I, nullptr, nullptr, nullptr, nullptr, nullptr));
+    auto dG = up(g0), dU = up(u0), dH = up(F(N * I, 123.f)), dUg = up(ug), dUu = up(uu);
+    auto dBg = up(Bg), dBu = up(Bu);
+    cu::lora_swiglu_forward(dH.as<cu::bf16>(), dG.as<cu::bf16>(), dU.as<cu::bf16>(),
+                            dUg.as<cu::bf16>(), dUu.as<cu::bf16>(), dBg.as<cu::bf16>(),
+                            dBu.as<cu::bf16>(), N, I, r, scale, nullptr);
+    INFO("N=" << N << " I=" << I << " r=" << r);
+    CHECK(err(down(dG, N * I), g_ref) < kTol);
+    CHECK(err(down(dU, N * I), u_ref) < kTol);
+    CHECK(err(down(dH, N * I), h_ref) < kTol);
+  }
+  CHECK_FALSE(cu::lora_swiglu_supported(16, 64, nullptr, nullptr, nullptr, nullptr, nullptr));
+}

@@ -10,6 +10,8 @@
 //   lora_dx_backward:   dx[N, in] += ks keep o (du A)            bf16, one rounding
 //   lora_up_forward:    y[N, out] += scale u B^T                 bf16, one rounding (the
 //                                                                 forward's LoRA term)
+//   lora_swiglu_forward: gate, up += their LoRA terms (as lora_up_forward), then
+//                        h = silu(gate) up (as swiglu_forward): one pass instead of three
 // CPU twin: cpu::dropout_apply then cpu::matmul_nt / matmul_tn / matmul_nn (tests compare).
 // p == 0 skips the mask's hash altogether.
 // Supported when lora_fused_supported(r, in); callers fall back to dropout_apply + GEMMs.
@@ -44,5 +46,13 @@ void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_
 // when lora_fused_supported(r, out, y, u).
 void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t out, int64_t r,
                      float scale, stream_t stream);
+
+// The MLP's gate and up LoRA terms fused with SwiGLU: gate, up [N, I] updated in place, h
+// [N, I] written; u_* [N, r]; B_* [I, r]. Supported when lora_swiglu_supported (r <= 8).
+bool lora_swiglu_supported(int64_t r, int64_t I, const void* gate, const void* up,
+                           const void* h, const void* u_gate, const void* u_up);
+void lora_swiglu_forward(bf16* h, bf16* gate, bf16* up, const bf16* u_gate, const bf16* u_up,
+                         const bf16* B_gate, const bf16* B_up, int64_t N, int64_t I, int64_t r,
+                         float scale, stream_t stream);
 
 }  // namespace ftune::cuda

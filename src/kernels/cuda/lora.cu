@@ -213,6 +213,34 @@ __global__ void down_backward_reduce(float* dA, const float* partial, int chunks
 // 16-byte loads) for kUpRows rows, kUpUnroll rows of y
 // in flight; a warp covers 256 adjacent columns of one row, so y moves in 512-byte runs and
 // v[n, :] is a broadcast. y is read in bf16, the sum added in fp32, rounded once.
+// a[k][e] = M[k, c + e] for k < r, zeros for the padding ranks: M is A [r, cols], or B^T
+// with B [cols, r] row-major (B_LAYOUT; vec: B's rows may be read in 16-byte loads).
+template <int R, bool B_LAYOUT>
+__device__ __forceinline__ void load_slice(float (&a)[R][8], const __nv_bfloat16* M, int64_t c,
+                                           int64_t cols, int r, bool vec) {
+  if (B_LAYOUT && r == R && vec) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+#pragma unroll
+      for (int k = 0; k < R; k += 8) {
+        float t[8];
+        load8(M + (c + e) * R + k, t);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) a[k + q][e] = t[q];
+      }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (k < r && !B_LAYOUT) {
+      load8(M + k * cols + c, a[k]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a[k][e] = k < r ? ld(M + (c + e) * r + k) : 0.f;
+    }
+  }
+}
+
 constexpr int kUpRows = 32;
 constexpr int kUpThreads = 128;
 constexpr int kUpUnroll = 4;
@@ -223,27 +251,7 @@ __global__ void __launch_bounds__(kUpThreads)
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * 8;
   if (c >= cols) return;
   float a[R][8];
-  if (B_LAYOUT && r == R && m_vec) {  // rows of B are R bf16: 16-byte loads, transposed
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-#pragma unroll
-      for (int k = 0; k < R; k += 8) {
-        float t[8];
-        load8(M + (c + e) * R + k, t);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) a[k + q][e] = t[q];
-      }
-  } else {
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      if (k < r && !B_LAYOUT) {
-        load8(M + k * cols + c, a[k]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a[k][e] = k < r ? ld(M + (c + e) * r + k) : 0.f;
-      }
-    }
-  }
+  load_slice<R, B_LAYOUT>(a, M, c, cols, r, m_vec);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kUpRows;
   const int64_t n1 = N < n0 + kUpRows ? N : n0 + kUpRows;
   for (int64_t n = n0; n < n1; n += kUpUnroll) {
@@ -266,6 +274,59 @@ __global__ void __launch_bounds__(kUpThreads)
 #pragma unroll
       for (int e = 0; e < 8; ++e) out[e] += kv[e] * (alpha * acc[e]);
       store8(y + (n + j) * cols + c, out);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- gate/up LoRA + SwiGLU
+// gate += scale u_g B_g^T and up += scale u_u B_u^T (each rounded to bf16 once and written
+// back: the backward reads them), then h = silu(gate) up from the rounded values, exactly as
+// rank_up_kernel twice followed by swiglu_forward, in one pass over gate and up instead of
+// three. Rank tile 8 only (two B slices live in registers).
+constexpr int kSwiRows = 32;
+__global__ void __launch_bounds__(kUpThreads)
+    swiglu_up_kernel(__nv_bfloat16* h, __nv_bfloat16* gate, __nv_bfloat16* up,
+                     const __nv_bfloat16* ug, const __nv_bfloat16* uu, const __nv_bfloat16* Bg,
+                     const __nv_bfloat16* Bu, int64_t N, int64_t I, int r, float alpha, bool vec) {
+  constexpr int R = 8;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * 8;
+  if (c >= I) return;
+  float ag[R][8], au[R][8];
+  load_slice<R, true>(ag, Bg, c, I, r, vec);
+  load_slice<R, true>(au, Bu, c, I, r, vec);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSwiRows;
+  const int64_t n1 = N < n0 + kSwiRows ? N : n0 + kSwiRows;
+  for (int64_t n = n0; n < n1; n += 2) {
+    uint4 gr[2], ur[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (n + j < n1) {
+        gr[j] = load_raw<8>(gate + (n + j) * I + c);
+        ur[j] = load_raw<8>(up + (n + j) * I + c);
+      }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      if (n + j >= n1) break;
+      float dg[R], du[R], g[8], u[8], hv[8];
+      load_rank_row<R>(dg, ug, n + j, r);
+      load_rank_row<R>(du, uu, n + j, r);
+      to_floats<8>(gr[j], g);
+      to_floats<8>(ur[j], u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        float accg = 0.f, accu = 0.f;
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+          accg = fmaf(dg[k], ag[k][e], accg);
+          accu = fmaf(du[k], au[k][e], accu);
+        }
+        g[e] = __bfloat162float(__float2bfloat16_rn(g[e] + alpha * accg));
+        u[e] = __bfloat162float(__float2bfloat16_rn(u[e] + alpha * accu));
+        hv[e] = g[e] / (1.f + expf(-g[e])) * u[e];
+      }
+      store8(gate + (n + j) * I + c, g);
+      store8(up + (n + j) * I + c, u);
+      store8(h + (n + j) * I + c, hv);
     }
   }
 }
@@ -363,6 +424,26 @@ void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t o
     rank_up_kernel<decltype(tile)::value, false, true><<<grid, kUpThreads, 0, stream>>>(
         dev(y), dev(u), dev(B), N, out, static_cast<int>(r), scale, m, aligned16(B));
   });
+  FTUNE_CUDA_LAUNCH_CHECK();
+}
+
+bool lora_swiglu_supported(int64_t r, int64_t I, const void* gate, const void* up,
+                           const void* h, const void* ug, const void* uu) {
+  return r >= 1 && r <= 8 && I > 0 && I % 8 == 0 && aligned16(gate) && aligned16(up) &&
+         aligned16(h) && aligned16(ug) && aligned16(uu);
+}
+
+void lora_swiglu_forward(bf16* h, bf16* gate, bf16* up, const bf16* u_gate, const bf16* u_up,
+                         const bf16* B_gate, const bf16* B_up, int64_t N, int64_t I, int64_t r,
+                         float scale, stream_t stream) {
+  if (!lora_swiglu_supported(r, I, gate, up, h, u_gate, u_up))
+    throw CudaError("lora_swiglu_forward: r = " + std::to_string(r) + ", I = " +
+                    std::to_string(I) + " not supported (r <= 8, I % 8 == 0, 16-byte aligned)");
+  if (N <= 0) return;
+  const dim3 grid(static_cast<unsigned>((I / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kSwiRows));
+  swiglu_up_kernel<<<grid, kUpThreads, 0, stream>>>(
+      dev(h), dev(gate), dev(up), dev(u_gate), dev(u_up), dev(B_gate), dev(B_up), N, I,
+      static_cast<int>(r), scale, aligned16(B_gate) && aligned16(B_up));
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 

@@ -40,14 +40,20 @@ void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf
                  op.stream);
 }
 
-void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u) {
+void linear_forward_base(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x,
+                         bf16* u, bool u_ready) {
   {
     ProfileScope ps(op.prof, Phase::base_gemm_fwd, op.stream);
     op.gemm.matmul(GemmOp::NT, y, x, op.W, op.N, op.out, op.in, 1.f, 0.f, op.stream);
     if (op.b) add_bias(y, op.b, op.N, op.out, op.stream);
   }
+  if (op.slot && !u_ready) lora_input_product(op, lc, x, u);
+}
+
+void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u,
+                    bool u_ready) {
+  linear_forward_base(op, lc, y, x, u, u_ready);
   if (!op.slot) return;
-  lora_input_product(op, lc, x, u);
   // y was rounded to bf16 once already; the LoRA term is added with one more rounding, as a
   // bf16 PEFT model does (base output + lora output). The fused kernel streams y once at
   // bandwidth; cuBLASLt's K = r product with beta = 1 reached about 2 TB/s of it.

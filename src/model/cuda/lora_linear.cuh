@@ -41,8 +41,14 @@ struct LinearOp {
 // u = dropout(x) A^T [N, r] only (op.slot must be set): what backward needs of a projection
 // whose output a checkpointed recompute does not need.
 void lora_input_product(const LinearOp& op, const LoraCtx& lc, const bf16* x, bf16* u);
-// y = ...; keeps u = dropout(x) A^T [N, r] for backward.
-void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u);
+// y = ...; keeps u = dropout(x) A^T [N, r] for backward (u_ready: u holds it already, as in a
+// checkpointed recompute, whose mask and inputs are those of the forward).
+void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u,
+                    bool u_ready = false);
+// linear_forward without the LoRA term: y = x W^T + b, and u as above. For a caller that
+// adds scale u B^T itself, fused into its next kernel (the MLP's gate/up into SwiGLU).
+void linear_forward_base(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x,
+                         bf16* u, bool u_ready = false);
 // dx (+)= dy W + the LoRA path's input gradient; dA, dB added into lc.grads. dx may alias x
 // when accumulate is false (x is read before dx is written).
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,

@@ -20,6 +20,7 @@
 #include "device_weights.cuh"
 #include "ftune/kernels/cuda_attention.hpp"
 #include "ftune/kernels/cuda_gemm.hpp"
+#include "ftune/kernels/cuda_lora.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
 #include "ftune/kernels/cuda_quant.hpp"
 #include "ftune/kernels/cuda_ops.hpp"
@@ -227,12 +228,35 @@ struct CudaTransformer::Impl {
                         proj_out_features(c, p), weight(layer, p), w.layers[layer].b[pi],
                         lc.adapter->slot(layer, p), seed, b.xd, b.du, &prof, b.lora_ws};
   }
-  void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x) {
-    cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)]);
+  void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x, bool recompute) {
+    cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)], recompute);
   }
   void lin_bwd(int l, Proj p, const cm::LoraCtx& lc, bf16* dx, bool acc, const bf16* dy,
                const bf16* x) {
     cm::linear_backward(op(l, p, lc), lc, dx, acc, dy, x, acts_for(l).u[static_cast<int>(p)]);
+  }
+
+  // gate = gate(xn2), up = up(xn2), h = silu(gate) up. With LoRA on both (rank <= 8) their
+  // LoRA terms are added inside the SwiGLU pass (lora_swiglu_forward, same roundings).
+  void mlp_gate_up(int l, const cm::LoraCtx& lc, cm::LayerActs& A, bool recompute) {
+    const int64_t N = dims.N, I = c.intermediate_size;
+    const cu::stream_t s = stream.get();
+    const int gi = static_cast<int>(Proj::gate), ui = static_cast<int>(Proj::up);
+    const LoraSlot *sg = lc.adapter->slot(l, Proj::gate), *su = lc.adapter->slot(l, Proj::up);
+    if (sg && su && cu::lora_swiglu_supported(lc.adapter->spec.rank, I, A.gate, A.up, A.h,
+                                              A.u[gi], A.u[ui])) {
+      cm::linear_forward_base(op(l, Proj::gate, lc), lc, A.gate, A.xn2, A.u[gi], recompute);
+      cm::linear_forward_base(op(l, Proj::up, lc), lc, A.up, A.xn2, A.u[ui], recompute);
+      Scope ps(&prof, cm::Phase::lora_fwd, s);
+      cu::lora_swiglu_forward(A.h, A.gate, A.up, A.u[gi], A.u[ui], lc.params + sg->b_offset,
+                              lc.params + su->b_offset, N, I, lc.adapter->spec.rank,
+                              lc.adapter->spec.scale(), s);
+      return;
+    }
+    lin_fwd(l, Proj::gate, lc, A.gate, A.xn2, recompute);
+    lin_fwd(l, Proj::up, lc, A.up, A.xn2, recompute);
+    Scope ps(&prof, cm::Phase::elementwise, s);
+    cu::swiglu_forward(A.h, A.gate, A.up, N * I, s);
   }
 
   cm::LayerActs& acts_for(int layer) {
@@ -240,28 +264,29 @@ struct CudaTransformer::Impl {
     cm::LayerActs& A = b.acts[0];
     A.att = b.att_saved[layer];
     A.lse = b.lse_saved[layer];
+    A.u = b.u_saved[layer];
     return A;
   }
 
   // recompute: the checkpointed re-run of layer l during backward. It rebuilds what the
-  // backward reads and nothing else: attention output and lse were kept (skip attention),
-  // and the layer's output is already stored (skip the down projection, except its LoRA
-  // input product u, and the last residual add).
+  // backward reads and nothing else: attention output, lse and the LoRA input products u
+  // were kept (skip attention and every LoRA down product), and the layer's output is
+  // already stored (skip the down projection and the last residual add).
   void layer_forward(int l, const cm::LoraCtx& lc, bool recompute = false) {
     const cm::DeviceLayer& L = w.layers[l];
     cm::LayerActs& A = acts_for(l);
     const cu::stream_t s = stream.get();
     const bf16* x = b.resid[l];
-    const int64_t N = dims.N, H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
+    const int64_t N = dims.N, H = c.hidden_size, d = c.head_dim;
     const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
     const float eps = static_cast<float>(c.rms_norm_eps);
 
     using cm::Phase;
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn1, A.rstd1, x, L.input_norm, N, H, eps, s); }
     // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k.
-    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1);
-    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1);
-    lin_fwd(l, Proj::v, lc, A.v, A.xn1);
+    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1, recompute);
+    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1, recompute);
+    lin_fwd(l, Proj::v, lc, A.v, A.xn1, recompute);
     if (c.qk_norm) {
       Scope ps(&prof, Phase::norm, s);
       cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
@@ -282,19 +307,13 @@ struct CudaTransformer::Impl {
       else
         cu::naive_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
     }
-    lin_fwd(l, Proj::o, lc, b.tmp_h, A.att);
+    lin_fwd(l, Proj::o, lc, b.tmp_h, A.att, recompute);
     { Scope ps(&prof, Phase::elementwise, s); cu::residual_add(A.x_mid, x, b.tmp_h, N * H, s); }
 
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn2, A.rstd2, A.x_mid, L.post_norm, N, H, eps, s); }
-    lin_fwd(l, Proj::gate, lc, A.gate, A.xn2);
-    lin_fwd(l, Proj::up, lc, A.up, A.xn2);
-    { Scope ps(&prof, Phase::elementwise, s); cu::swiglu_forward(A.h, A.gate, A.up, N * I, s); }
-    if (recompute) {
-      const int pd = static_cast<int>(Proj::down);
-      if (lc.adapter->slot(l, Proj::down)) cm::lora_input_product(op(l, Proj::down, lc), lc, A.h, A.u[pd]);
-      return;
-    }
-    lin_fwd(l, Proj::down, lc, b.tmp_h, A.h);
+    mlp_gate_up(l, lc, A, recompute);
+    if (recompute) return;  // down's u was kept from the forward
+    lin_fwd(l, Proj::down, lc, b.tmp_h, A.h, recompute);
     { Scope ps(&prof, Phase::elementwise, s); cu::residual_add(b.resid[l + 1], A.x_mid, b.tmp_h, N * H, s); }
   }
 

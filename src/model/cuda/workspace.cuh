@@ -57,6 +57,9 @@ struct Buffers {
   // the recompute skips attention (empty without checkpointing: acts hold them).
   std::vector<bf16*> att_saved;
   std::vector<float*> lse_saved;
+  // ... and each layer's LoRA input products u (7 x [N, r]: 29 MB at the 8B shape, batch 4),
+  // so the recompute runs no LoRA down product at all.
+  std::vector<std::array<bf16*, kNumProj>> u_saved;
   bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *xd, *du;  // MLP grads: in acts
   bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
   float* lora_ws;                      // fused LoRA backward partial sums
@@ -91,12 +94,16 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
     a.gate = cv.take<bf16>(N * I);
     a.up = cv.take<bf16>(N * I);
     a.h = cv.take<bf16>(N * I);
-    for (auto& u : a.u) u = cv.take<bf16>(N * d.rank);
+    if (!ckpt)
+      for (auto& u : a.u) u = cv.take<bf16>(N * d.rank);
   }
   b.att_saved.assign(ckpt ? L : 0, nullptr);
   b.lse_saved.assign(ckpt ? L : 0, nullptr);
   for (auto& a : b.att_saved) a = cv.take<bf16>(N * qd);
   for (auto& a : b.lse_saved) a = cv.take<float>(N * Hq);
+  b.u_saved.assign(ckpt ? L : 0, {});
+  for (auto& us : b.u_saved)
+    for (auto& u : us) u = cv.take<bf16>(N * d.rank);
   b.tmp_h = cv.take<bf16>(N * H);
   b.dx = cv.take<bf16>(N * H);
   b.dxn = cv.take<bf16>(N * H);
