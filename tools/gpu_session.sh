@@ -4,7 +4,8 @@
 # the carried copy of ../shared (.devshare) so GPU tests that use it do not skip. Then runs
 # the steps named on the command line, logging each to $OUT/STEP.log:
 #   build  test  lora  bench  profile  (lora: tools/bench_lora.cpp; bench/profile: 8B shape,
-#   batch 4, checkpointing on, ftune alone; hf: HF+PEFT eager and compiled on the same case)
+#   batch 4, checkpointing on, ftune alone; hf: HF+PEFT eager and compiled on the same case;
+#   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights)
 # Prepare here first (both folders are git-ignored):
 #   mkdir -p .deb && (cd .deb && apt-get download libtomlplusplus-dev libutf8proc-dev \
 #     libutf8proc2 libpcre2-dev libpcre2-8-0 && for f in *.deb; do dpkg -x $f root; done)
@@ -53,6 +54,8 @@ for s in "$@"; do
                --gradient_checkpointing true --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 \
                --logging_steps 1 --validation_split_percentage 0 --model_max_length 2048 --save_steps 0
              tail -25 "$OUT/profile.log" ;;
+    quant) step quant bash tools/gpu_quant_gap.sh build/ftune "$WORK" "$OUT/quant"
+           cat "$OUT/quant/quant_gap.md" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
