@@ -1,5 +1,6 @@
 // CPU reference ops: the readable definition of what every CUDA kernel must compute.
 #include "ftune/kernels/cpu_ops.hpp"
+#include "ftune/kernels/dropout_mask.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -287,29 +288,10 @@ double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t
 }
 
 // ---------------------------------------------------------------- dropout
-static inline uint64_t mix64(uint64_t z) {  // splitmix64 finaliser
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 bool dropout_keep(uint64_t seed, uint64_t i, double p) {
-  // A 32-bit key per seed, one murmur3-finaliser draw r per pair of elements (draw i / 2);
-  // element i takes the low (even i) or high (odd i) 16 bits of r as u in [0, 2^16). Keep
-  // iff u >= ceil(p * 2^16): exact in double (a power-of-two scaling), so p is honoured to
-  // 1/65536. A cheap 32-bit hash keeps the GPU's fused dropout memory-bound.
-  const uint32_t key = static_cast<uint32_t>(mix64(seed));
-  const uint64_t pair = i >> 1;
-  uint32_t h = static_cast<uint32_t>(pair) * 0x9E3779B9u + key +
-               static_cast<uint32_t>(pair >> 32) * 0x632BE5ABu;
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  const uint32_t u = (i & 1) ? (h >> 16) : (h & 0xffffu);
-  return static_cast<double>(u) >= std::ceil(p * 65536.0);
+  // The mask of ftune/kernels/dropout_mask.hpp (shared with the CUDA kernels).
+  return dropout::keep(dropout::draw(dropout::key(seed), i >> 1), static_cast<int>(i & 1),
+                       dropout::threshold(p));
 }
 
 template <typename T>

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "ftune/kernels/cuda_device.hpp"
+#include "ftune/kernels/dropout_mask.hpp"
 
 namespace ftune::cuda::detail {
 
@@ -113,35 +114,15 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
   return warp_sum(v);
 }
 
-// The dropout mask of cpu::dropout_keep: a 32-bit key per seed (dropout_key, once per
-// launch), one 32-bit murmur3-finaliser draw r per pair of elements (dropout_draw(key,
-// i / 2)); element i keeps iff the low (even i) or high (odd i) 16 bits of r are >=
-// ceil(p * 2^16) (dropout_threshold). About 10 integer instructions a pair: the splitmix64
-// draw it replaces (three 64-bit multiplies) made the fused LoRA kernels hash-bound.
-__host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-__host__ __device__ __forceinline__ uint32_t dropout_key(uint64_t seed) {
-  return static_cast<uint32_t>(mix64(seed));
-}
+// The dropout mask of cpu::dropout_keep (ftune/kernels/dropout_mask.hpp), under the names the
+// kernels use.
 __device__ __forceinline__ uint32_t dropout_draw(uint32_t key, uint64_t pair) {
-  uint32_t h = static_cast<uint32_t>(pair) * 0x9E3779B9u + key +
-               static_cast<uint32_t>(pair >> 32) * 0x632BE5ABu;
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  return h ^ (h >> 16);
+  return dropout::draw(key, pair);
 }
 __device__ __forceinline__ bool keep_bit(uint32_t r, int odd, uint32_t threshold) {
-  return (odd ? (r >> 16) : (r & 0xffffu)) >= threshold;
+  return dropout::keep(r, odd, threshold);
 }
-
-inline uint32_t dropout_threshold(double p) {
-  return static_cast<uint32_t>(std::ceil(p * 65536.0));  // exact: power-of-two scaling
-}
+inline uint32_t dropout_key(uint64_t seed) { return dropout::key(seed); }
+inline uint32_t dropout_threshold(double p) { return dropout::threshold(p); }
 
 }  // namespace ftune::cuda::detail
