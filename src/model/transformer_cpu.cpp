@@ -1,4 +1,5 @@
-// CPU reference backend: one training micro-step from tokens to LoRA gradients.
+// CPU reference backend: one training micro-step from tokens to LoRA gradients (or, for full
+// fine-tuning, to the gradients of every base weight).
 // Reading order: forward_backward() -> layer_forward() / layer_backward() -> ops in
 // kernels/cpu/ops.cpp. Shapes: N tokens, H hidden, I intermediate, V vocab.
 #include "ftune/model/transformer_cpu.hpp"
@@ -80,6 +81,9 @@ struct CpuTransformer::Impl {
   std::vector<std::vector<f32>> resid;  // residual stream entering each layer, + final
   std::vector<LayerActs> acts;          // one per layer, or one shared when checkpointing
   std::vector<f32> tmp_h, dx, dmid, dxn, dtmp, datt, dq, dk, dv, dgate, dup, dh, xd, du;
+  // Full fine-tuning: gradients of every base weight, laid out like w.storage (null: LoRA).
+  float* full = nullptr;
+  float* grad_of(const float* weight) const { return full + (weight - w.storage.data()); }
 
   Impl(const BaseWeights& weights, bool ckpt)
       : w(weights), c(weights.cfg), checkpointing(ckpt), inv_freq(rope_inv_freq(weights.cfg)) {}
@@ -166,6 +170,18 @@ struct CpuTransformer::Impl {
     const int pi = static_cast<int>(p);
     const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
     cpu::matmul_nn<f32>(dxo, dy, w.layers[layer].w[pi], N, in, out, 1.0f, accumulate);
+    if (full) {  // dW += dy^T x, db += column sums of dy
+      cpu::matmul_tn<f32>(grad_of(w.layers[layer].w[pi]), dy, x, out, in, N, 1.0f, true);
+      if (const f32* b = w.layers[layer].b[pi]) {
+        f32* db = grad_of(b);
+#pragma omp parallel for schedule(static)
+        for (int64_t o = 0; o < out; ++o) {
+          f32 sum = 0;
+          for (int64_t n = 0; n < N; ++n) sum += dy[n * out + o];
+          db[o] += sum;
+        }
+      }
+    }
     const LoraSlot* s = a.slot(layer, p);
     if (!s) return;
     const int64_t r = a.spec.rank;
@@ -245,6 +261,7 @@ struct CpuTransformer::Impl {
     linear_backward(dxn.data(), false, dgate.data(), A.xn2.data(), l, Proj::gate, a, U[4], grads, dropout, seed);
     linear_backward(dxn.data(), true, dup.data(), A.xn2.data(), l, Proj::up, a, U[5], grads, dropout, seed);
     cpu::rms_norm_backward<f32>(dmid.data(), dxn.data(), A.x_mid.data(), L.post_norm, A.rstd2.data(), N, H, true);
+    if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.post_norm), dxn.data(), A.x_mid.data(), A.rstd2.data(), N, H);
 
     // Attention: x_mid = x + o(attn(rope(q), rope(k), v))
     linear_backward(datt.data(), false, dmid.data(), A.att.data(), l, Proj::o, a, U[3], grads, dropout, seed);
@@ -256,8 +273,10 @@ struct CpuTransformer::Impl {
     if (c.qk_norm) {
       // dtmp holds the pre-norm gradient; copy back so dq/dk are w.r.t. the projections.
       cpu::rms_norm_backward<f32>(dtmp.data(), dq.data(), A.q_pre.data(), L.q_norm, A.rstd_q.data(), N * Hq, d, false);
+      if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.q_norm), dq.data(), A.q_pre.data(), A.rstd_q.data(), N * Hq, d);
       std::copy_n(dtmp.data(), N * c.q_dim(), dq.data());
       cpu::rms_norm_backward<f32>(dtmp.data(), dk.data(), A.k_pre.data(), L.k_norm, A.rstd_k.data(), N * Hkv, d, false);
+      if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.k_norm), dk.data(), A.k_pre.data(), A.rstd_k.data(), N * Hkv, d);
       std::copy_n(dtmp.data(), N * c.kv_dim(), dk.data());
     }
     linear_backward(dxn.data(), false, dq.data(), A.xn1.data(), l, Proj::q, a, U[0], grads, dropout, seed);
@@ -265,6 +284,7 @@ struct CpuTransformer::Impl {
     linear_backward(dxn.data(), true, dv.data(), A.xn1.data(), l, Proj::v, a, U[2], grads, dropout, seed);
     dx = dmid;
     cpu::rms_norm_backward<f32>(dx.data(), dxn.data(), x, L.input_norm, A.rstd1.data(), N, H, true);
+    if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.input_norm), dxn.data(), x, A.rstd1.data(), N, H);
   }
 
   // Final norm, lm_head and cross-entropy over the rows that carry a label, in chunks so
@@ -302,11 +322,14 @@ struct CpuTransformer::Impl {
       if (!want_grad) continue;
       dxc.resize(m * H);
       cpu::matmul_nn<f32>(dxc.data(), dlogits.data(), w.lm_head, m, H, V, 1.0f, false);
+      if (full) cpu::matmul_tn<f32>(grad_of(w.lm_head), dlogits.data(), xc.data(), V, H, m, 1.0f, true);
       for (int64_t i = 0; i < m; ++i)
         std::copy_n(dxc.data() + i * H, H, dxf.data() + rows[r0 + i] * H);
     }
     if (want_grad)
       cpu::rms_norm_backward<f32>(dx.data(), dxf.data(), xl, w.final_norm, rstd.data(), N, H, false);
+    if (want_grad && full)
+      cpu::rms_norm_weight_backward<f32>(grad_of(w.final_norm), dxf.data(), xl, rstd.data(), N, H);
     return out;
   }
 
@@ -320,6 +343,35 @@ struct CpuTransformer::Impl {
       std::copy_n(w.embed + static_cast<int64_t>(t) * H, H, resid[0].data() + n * H);
     }
   }
+
+  // Full fine-tuning, after the last layer's backward (dx = dLoss/d(embeddings)): scatter-add
+  // into the embedding rows, tokens in order (deterministic). Tied: the lm_head's gradient
+  // is already in the same rows.
+  void embed_backward(const MicroBatch& mb) {
+    const int64_t H = c.hidden_size;
+    f32* g = grad_of(w.embed);
+    for (int64_t n = 0; n < N; ++n) {
+      f32* row = g + static_cast<int64_t>(mb.tokens[n]) * H;
+      for (int64_t i = 0; i < H; ++i) row[i] += dx[n * H + i];
+    }
+  }
+
+  LossSum run(const MicroBatch& mb, const LoraAdapter& adapter, float* grads, float loss_scale,
+              uint64_t dropout_seed) {
+    prepare(mb, adapter);
+    const double p = adapter.spec.dropout;
+    embed(mb);
+    for (int l = 0; l < c.num_hidden_layers; ++l) layer_forward(l, mb, adapter, p, dropout_seed);
+    LossSum out = head(mb, true, loss_scale);
+    for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
+      // Under checkpointing the shared activations hold the last layer run: recompute.
+      if (checkpointing && l != c.num_hidden_layers - 1)
+        layer_forward(l, mb, adapter, p, dropout_seed);
+      layer_backward(l, mb, adapter, grads, p, dropout_seed);
+    }
+    if (full) embed_backward(mb);
+    return out;
+  }
 };
 
 CpuTransformer::CpuTransformer(const BaseWeights& weights, bool gradient_checkpointing)
@@ -330,18 +382,24 @@ LossSum CpuTransformer::forward_backward(const MicroBatch& mb, const LoraAdapter
                                          float* grads, float loss_scale, uint64_t dropout_seed) {
   Impl& m = *impl_;
   if (mb.num_tokens() == 0) return {};
-  m.prepare(mb, adapter);
-  const double p = adapter.spec.dropout;
-  m.embed(mb);
-  for (int l = 0; l < m.c.num_hidden_layers; ++l) m.layer_forward(l, mb, adapter, p, dropout_seed);
-  LossSum out = m.head(mb, true, loss_scale);
-  for (int l = m.c.num_hidden_layers - 1; l >= 0; --l) {
-    // Under checkpointing the shared activations hold the last layer run: recompute.
-    if (m.checkpointing && l != m.c.num_hidden_layers - 1)
-      m.layer_forward(l, mb, adapter, p, dropout_seed);
-    m.layer_backward(l, mb, adapter, grads, p, dropout_seed);
-  }
-  return out;
+  m.full = nullptr;
+  return m.run(mb, adapter, grads, loss_scale, dropout_seed);
+}
+
+LossSum CpuTransformer::forward_backward_full(const MicroBatch& mb, float* grads,
+                                              float loss_scale) {
+  Impl& m = *impl_;
+  if (mb.num_tokens() == 0) return {};
+  LoraAdapter none;  // no projection carries LoRA
+  none.model = m.c;
+  none.spec.rank = 0;
+  none.slot_of.assign(m.c.num_hidden_layers * kNumProj, -1);
+  m.full = grads;
+  struct Reset {
+    Impl& m;
+    ~Reset() { m.full = nullptr; }
+  } reset{m};
+  return m.run(mb, none, nullptr, loss_scale, 0);
 }
 
 LossSum CpuTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) {

@@ -28,6 +28,10 @@ void rms_norm_forward(T* y, T* rstd, const T* x, const T* w, int64_t N, int64_t 
 template <typename T>
 void rms_norm_backward(T* dx, const T* dy, const T* x, const T* w, const T* rstd, int64_t N,
                        int64_t D, bool accumulate);
+// dw[D] += sum over rows of dy * x * rstd: the norm weight's gradient (full fine-tuning).
+template <typename T>
+void rms_norm_weight_backward(T* dw, const T* dy, const T* x, const T* rstd, int64_t N,
+                              int64_t D);
 
 // Rotary embedding in place on x[N, heads, head_dim] with HF's rotate_half convention;
 // cos/sin tables are [num_positions, head_dim/2], indexed by positions[n].

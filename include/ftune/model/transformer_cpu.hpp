@@ -1,8 +1,9 @@
 #pragma once
 // model module: the CPU reference backend. Forward and hand-written backward of a
 // Llama/Qwen decoder with LoRA on the seven projections, in fp32, on packed micro-batches.
-// Only LoRA parameters get gradients: base weights are frozen, so no weight gradient of a
-// base matrix is ever formed.
+// With LoRA only the adapter gets gradients (base weights frozen, no base weight gradient
+// formed); forward_backward_full is full fine-tuning's micro-step (use_peft = false): the
+// gradient of every base weight.
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -29,6 +30,10 @@ class CpuTransformer final : public TrainBackend {
                            float loss_scale, uint64_t dropout_seed) override;
   // Loss only (evaluation: no dropout, no gradients).
   LossSum forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) override;
+  // Adds to `grads` (laid out like weights.storage: one float per stored weight, tied
+  // embeddings once) the gradient of loss_scale * (sum of token cross-entropies of mb) with
+  // respect to every base weight: embeddings, norms, projections and their biases, lm_head.
+  LossSum forward_backward_full(const MicroBatch& mb, float* grads, float loss_scale);
 
  private:
   struct Impl;

@@ -105,6 +105,18 @@ void rms_norm_backward(T* dx, const T* dy, const T* x, const T* w, const T* rstd
   }
 }
 
+template <typename T>
+void rms_norm_weight_backward(T* dw, const T* dy, const T* x, const T* rstd, int64_t N,
+                              int64_t D) {
+  // Columns in parallel, rows in order: the sum does not depend on the thread count.
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < D; ++i) {
+    T s = 0;
+    for (int64_t n = 0; n < N; ++n) s += dy[n * D + i] * x[n * D + i] * rstd[n];
+    dw[i] += s;
+  }
+}
+
 // ---------------------------------------------------------------- RoPE
 template <typename T>
 static void rope_rotate(T* x, const float* cos, const float* sin, const int32_t* positions,
@@ -312,6 +324,8 @@ void dropout_apply(T* y, const T* x, int64_t n, double p, uint64_t seed, bool ac
   template void rms_norm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, double);    \
   template void rms_norm_backward<T>(T*, const T*, const T*, const T*, const T*, int64_t,     \
                                      int64_t, bool);                                          \
+  template void rms_norm_weight_backward<T>(T*, const T*, const T*, const T*, int64_t,       \
+                                            int64_t);                                          \
   template void rope_forward<T>(T*, const float*, const float*, const int32_t*, int64_t,      \
                                 int64_t, int64_t);                                            \
   template void rope_backward<T>(T*, const float*, const float*, const int32_t*, int64_t,     \
