@@ -26,8 +26,18 @@ const NotYet kNotYetSupported[] = {
      "ZeRO-3 (sharded frozen weights) is planned; use zero_stage = 0, 1 or 2"},
     {"offload_param", [](const TrainConfig& c) { return c.offload_param != "none"; },
      "parameter offload is planned; use offload_param = \"none\""},
-    {"use_peft", [](const TrainConfig& c) { return !c.use_peft; },
-     "full fine-tuning is planned; only LoRA (use_peft = true) is implemented"},
+    // Full fine-tuning runs on the CPU reference backend so far (the GPU path is planned).
+    {"use_peft", [](const TrainConfig& c) { return !c.use_peft && c.device == "cuda"; },
+     "full fine-tuning on GPUs is planned; it runs on the CPU backend: set device = \"cpu\""},
+    {"use_peft", [](const TrainConfig& c) { return !c.use_peft && c.weight_decay > 0; },
+     "full fine-tuning with weight_decay > 0 (which HF applies to all but biases and norms) "
+     "is planned: set weight_decay = 0"},
+    {"use_peft", [](const TrainConfig& c) {
+       return !c.use_peft && (c.load_in_8bit || c.load_in_4bit); },
+     "full fine-tuning of quantised base weights is not planned (QLoRA trains adapters): "
+     "set use_peft = true"},
+    {"use_peft", [](const TrainConfig& c) { return !c.use_peft && !c.init_adapter.empty(); },
+     "init_adapter with full fine-tuning is not planned (it starts a LoRA run): clear it"},
     {"fp16", [](const TrainConfig& c) { return c.fp16; },
      "fp16 mixed precision is planned; use fp16 = false (bf16 is supported)"},
     {"report_to", [](const TrainConfig& c) { return c.report_to != "none"; },

@@ -28,6 +28,7 @@
 #endif
 #include "ftune/train/checkpoint.hpp"
 #include "ftune/train/data_stream.hpp"
+#include "ftune/train/full_finetune.hpp"
 #include "ftune/train/metrics.hpp"
 #include "ftune/train/schedule.hpp"
 #include "ftune/train/step_runner.hpp"
@@ -94,6 +95,7 @@ std::string model_fingerprint(const ModelConfig& mc, const BaseWeights& w) {
 }
 
 std::string lora_fingerprint(const LoraAdapter& a) {
+  if (a.slots.empty()) return "full fine-tuning params=" + std::to_string(a.params.size());
   std::ostringstream s;
   s << "r=" << a.spec.rank << " alpha=" << a.spec.alpha << " rslora=" << a.spec.use_rslora
     << " targets=";
@@ -250,9 +252,13 @@ void save_checkpoint(Run& run, LoraAdapter& adapter, StepRunner& opt,
     write_optimizer_shard_h5((tmp / optimizer_shard_file(run.comm.rank(), run.comm.size())).string(),
                              opt.export_shard(adapter.params), run.identity);
     if (run.root) {
-      write_adapter_h5((tmp / "adapter.h5").string(), adapter, run.identity);
       write_trainer_state_h5((tmp / "trainer_state.h5").string(), state);
-      save_peft_adapter((tmp / "adapter").string(), adapter, run.cfg.model_name_or_path);
+      if (!run.cfg.use_peft) {  // full fine-tuning: the whole model, as an HF directory
+        save_full_model((tmp / "model").string(), run.weights, adapter, run.cfg.model_name_or_path);
+      } else {
+        write_adapter_h5((tmp / "adapter.h5").string(), adapter, run.identity);
+        save_peft_adapter((tmp / "adapter").string(), adapter, run.cfg.model_name_or_path);
+      }
     }
   });
   on_all_ranks(run.comm, [&] {
@@ -290,11 +296,13 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   // ---- load everything on every rank before writing anything anywhere.
   on_all_ranks(comm, [&] {
     // Only a run that resumes may find its own adapter there; others refuse to overwrite.
+    const char* product = cfg.use_peft ? "adapter" : "model";
     if (cfg.resume_from_checkpoint.empty() && !cfg.overwrite_output_dir &&
-        fs::exists(fs::path(cfg.output_dir) / "adapter"))
-      throw std::runtime_error("output_dir '" + cfg.output_dir +
-                               "' already holds an adapter; set overwrite_output_dir = true, "
-                               "resume_from_checkpoint, or choose another output_dir");
+        fs::exists(fs::path(cfg.output_dir) / product))
+      throw std::runtime_error("output_dir '" + cfg.output_dir + "' already holds " +
+                               (cfg.use_peft ? "an adapter" : "a model") +
+                               "; set overwrite_output_dir = true, resume_from_checkpoint, or "
+                               "choose another output_dir");
     // A save killed while replacing a checkpoint may have left its old copy aside.
     if (run.root) recover_checkpoints(cfg.output_dir);
     run.mc = load_model_config(cfg.model_name_or_path);
@@ -310,6 +318,10 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     // the same codes).
     if (cfg.load_in_8bit) apply_int8_roundtrip(run.weights);
     if (cfg.load_in_4bit) apply_nf4_roundtrip(run.weights);
+    if (!cfg.use_peft) {  // full fine-tuning: every base weight is trained
+      adapter = full_model_as_adapter(run.weights);
+      return;
+    }
     LoraSpec spec;
     spec.rank = cfg.lora_rank;
     spec.alpha = cfg.lora_alpha;
@@ -354,7 +366,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   const LrSchedule sched{cfg.lr_scheduler_type, cfg.learning_rate,
                          resolve_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
                          total_steps};
-  std::unique_ptr<TrainBackend> backend = make_backend(cfg, run.weights, comm.world());
+  std::unique_ptr<TrainBackend> backend;
+  if (cfg.use_peft)
+    backend = make_backend(cfg, run.weights, comm.world());
+  else  // validation refused device = "cuda"; "auto" takes the CPU for full fine-tuning
+    backend = std::make_unique<FullFineTuneBackend>(run.weights, cfg.gradient_checkpointing);
   std::unique_ptr<StepRunner> runner;
   on_all_ranks(comm, [&] {
     runner = make_step_runner(*backend, adapter, cfg.zero_stage, comm,
@@ -376,7 +392,10 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                                    cfg.output_dir + "'");
         dir = *latest;
       }
-      read_adapter_h5((fs::path(dir) / "adapter.h5").string(), adapter, run.identity);
+      if (cfg.use_peft)
+        read_adapter_h5((fs::path(dir) / "adapter.h5").string(), adapter, run.identity);
+      else
+        load_full_model((fs::path(dir) / "model").string(), run.weights, adapter);
       const ShardRange own = opt.owned();
       // The shards' master weights are the adapter's fp32 values (both are written from the
       // same vector), so adapter.h5 supplies the whole vector and the shards must agree.
@@ -420,9 +439,13 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       << "[ftune] model " << run.mc.model_type << " (" << run.mc.num_hidden_layers
       << " layers, hidden " << run.mc.hidden_size << ", vocab " << run.mc.vocab_size
       << (cfg.load_in_8bit ? ", int8 projections" : cfg.load_in_4bit ? ", NF4 projections" : "")
-      << "), LoRA r=" << adapter.spec.rank << " alpha=" << adapter.spec.alpha << " on "
-      << adapter.slots.size() << " projections (" << adapter.params.size()
-      << " trainable parameters)\n"
+      << "), ";
+    if (cfg.use_peft)
+      s << "LoRA r=" << adapter.spec.rank << " alpha=" << adapter.spec.alpha << " on "
+        << adapter.slots.size() << " projections";
+    else
+      s << "full fine-tuning";
+    s << " (" << adapter.params.size() << " trainable parameters)\n"
       << "[ftune] device " << backend->name() << ", " << omp_get_max_threads()
       << " CPU threads per rank; "
       << run.train.size() << " examples, " << total_steps << " steps of "
@@ -532,19 +555,25 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   if (run.root) progress.finish();
   if (!run.evals.empty()) run_eval(total_steps);
 
-  // ---- final outputs: a checkpoint (resumable) and the PEFT adapter.
+  // ---- final outputs: a checkpoint (resumable) and the PEFT adapter (full fine-tuning: the
+  // HF model directory output_dir/model).
   opt.params_to_host(adapter);
   if (start_step < total_steps) save_checkpoint(run, adapter, opt, trainer_state(total_steps));
-  const std::string adapter_dir = (fs::path(cfg.output_dir) / "adapter").string();
+  const std::string adapter_dir =
+      (fs::path(cfg.output_dir) / (cfg.use_peft ? "adapter" : "model")).string();
   on_all_ranks(comm, [&] {
-    if (run.root) save_peft_adapter(adapter_dir, adapter, cfg.model_name_or_path);
+    if (!run.root) return;
+    if (cfg.use_peft)
+      save_peft_adapter(adapter_dir, adapter, cfg.model_name_or_path);
+    else
+      save_full_model(adapter_dir, run.weights, adapter, cfg.model_name_or_path);
   });
   result.seconds = seconds_since(t_start);
   {
     std::ostringstream s;
     s << "[ftune] done: " << total_steps << " steps in " << format_duration(result.seconds)
       << ", final loss " << (result.losses.empty() ? NAN : result.losses.back())
-      << "; adapter written to " << adapter_dir;
+      << "; " << (cfg.use_peft ? "adapter" : "model") << " written to " << adapter_dir;
     say(s.str());
   }
   return result;

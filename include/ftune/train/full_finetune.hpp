@@ -1,0 +1,45 @@
+#pragma once
+// train module: full fine-tuning (use_peft = false), on the CPU reference backend so far.
+// The trainable vector is the whole base model in BaseWeights::storage order (tied
+// embeddings once). So that the trainer's step runners, ZeRO stages and optimizer shards
+// serve it unchanged, it travels as the params of a LoraAdapter without slots
+// (full_model_as_adapter); FullFineTuneBackend computes its gradient with
+// CpuTransformer::forward_backward_full.
+#include <string>
+
+#include "ftune/model/backend.hpp"
+#include "ftune/model/lora.hpp"
+#include "ftune/model/transformer_cpu.hpp"
+#include "ftune/model/weights.hpp"
+
+namespace ftune {
+
+// rank 0, no slots, params = a copy of w.storage.
+LoraAdapter full_model_as_adapter(const BaseWeights& w);
+
+class FullFineTuneBackend final : public TrainBackend {
+ public:
+  // weights must outlive the backend; each micro-step first copies the trainer's parameter
+  // vector into them (one pass over the model: small next to the step's compute).
+  FullFineTuneBackend(BaseWeights& weights, bool gradient_checkpointing);
+  std::string name() const override { return "cpu (full fine-tuning)"; }
+  // grads: laid out like weights.storage. dropout_seed unused (the models have no dropout).
+  LossSum forward_backward(const MicroBatch& mb, const LoraAdapter& params, float* grads,
+                           float loss_scale, uint64_t dropout_seed) override;
+  LossSum forward_loss(const MicroBatch& mb, const LoraAdapter& params) override;
+
+ private:
+  void take(const LoraAdapter& params);
+  BaseWeights& w_;
+  CpuTransformer model_;
+};
+
+// Writes the current parameters as an HF model directory (config.json + fp32
+// model.safetensors) into dir, with the tokenizer files of model_dir copied beside them so
+// transformers loads it as it is.
+void save_full_model(const std::string& dir, BaseWeights& weights, const LoraAdapter& params,
+                     const std::string& model_dir);
+// Reads a directory save_full_model wrote into params (shape checked against weights).
+void load_full_model(const std::string& dir, const BaseWeights& weights, LoraAdapter& params);
+
+}  // namespace ftune

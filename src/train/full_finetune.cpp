@@ -1,0 +1,63 @@
+// Full fine-tuning on the CPU backend (see full_finetune.hpp).
+#include "ftune/train/full_finetune.hpp"
+
+#include <algorithm>
+#include <filesystem>
+#include <stdexcept>
+
+#include "ftune/io/hf_model.hpp"
+
+namespace fs = std::filesystem;
+
+namespace ftune {
+
+LoraAdapter full_model_as_adapter(const BaseWeights& w) {
+  LoraAdapter a;
+  a.model = w.cfg;
+  a.spec.rank = 0;
+  a.spec.targets.fill(false);
+  a.slot_of.assign(w.cfg.num_hidden_layers * kNumProj, -1);
+  a.params = w.storage;
+  return a;
+}
+
+FullFineTuneBackend::FullFineTuneBackend(BaseWeights& weights, bool gradient_checkpointing)
+    : w_(weights), model_(weights, gradient_checkpointing) {}
+
+void FullFineTuneBackend::take(const LoraAdapter& params) {
+  if (params.params.size() != w_.storage.size())
+    throw std::logic_error("full fine-tuning: parameter vector does not match the model");
+  std::copy(params.params.begin(), params.params.end(), w_.storage.begin());
+}
+
+LossSum FullFineTuneBackend::forward_backward(const MicroBatch& mb, const LoraAdapter& params,
+                                              float* grads, float loss_scale, uint64_t) {
+  take(params);
+  return model_.forward_backward_full(mb, grads, loss_scale);
+}
+
+LossSum FullFineTuneBackend::forward_loss(const MicroBatch& mb, const LoraAdapter& params) {
+  take(params);
+  return model_.forward_loss(mb, params);  // no slots: the base model's loss
+}
+
+void save_full_model(const std::string& dir, BaseWeights& weights, const LoraAdapter& params,
+                     const std::string& model_dir) {
+  std::copy(params.params.begin(), params.params.end(), weights.storage.begin());
+  save_hf_model(dir, weights, DType::F32);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "tokenizer.model", "generation_config.json"}) {
+    const fs::path src = fs::path(model_dir) / f;
+    if (fs::is_regular_file(src))
+      fs::copy_file(src, fs::path(dir) / f, fs::copy_options::overwrite_existing);
+  }
+}
+
+void load_full_model(const std::string& dir, const BaseWeights& weights, LoraAdapter& params) {
+  const BaseWeights saved = load_base_weights(dir, weights.cfg);
+  if (saved.storage.size() != weights.storage.size())
+    throw std::runtime_error("checkpoint model '" + dir + "' does not match the model's size");
+  params.params = saved.storage;
+}
+
+}  // namespace ftune
