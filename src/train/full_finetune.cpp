@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "ftune/io/hf_model.hpp"
+#include "ftune/train/commands.hpp"  // save_hf_model_sharded
 
 namespace fs = std::filesystem;
 
@@ -44,7 +45,8 @@ LossSum FullFineTuneBackend::forward_loss(const MicroBatch& mb, const LoraAdapte
 void save_full_model(const std::string& dir, BaseWeights& weights, const LoraAdapter& params,
                      const std::string& model_dir) {
   std::copy(params.params.begin(), params.params.end(), weights.storage.begin());
-  save_hf_model(dir, weights, DType::F32);
+  // fp32 (the trained values as they are), split like save_pretrained past 5 GB.
+  save_hf_model_sharded(dir, weights, int64_t(5) * 1000 * 1000 * 1000);
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                         "tokenizer.model", "generation_config.json"}) {
     const fs::path src = fs::path(model_dir) / f;

@@ -35,7 +35,7 @@ class FullFineTuneBackend final : public TrainBackend {
 };
 
 // Writes the current parameters as an HF model directory (config.json + fp32
-// model.safetensors) into dir, with the tokenizer files of model_dir copied beside them so
+// model.safetensors, or 5 GB shards with model.safetensors.index.json) into dir, with the tokenizer files of model_dir copied beside them so
 // transformers loads it as it is.
 void save_full_model(const std::string& dir, BaseWeights& weights, const LoraAdapter& params,
                      const std::string& model_dir);
