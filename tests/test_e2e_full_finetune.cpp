@@ -1,5 +1,6 @@
 // Full fine-tuning (use_peft = false) through the trainer on the CPU backend: the first
-// optimizer step equals AdamW applied by hand to forward_backward_full's gradient (so the
+// optimizer step equals AdamW applied by hand to forward_backward_full's gradient, with and
+// without HF's weight-decay exemptions (so the
 // loss normalisation, accumulation and optimizer wiring are the LoRA path's), every tensor
 // trains, the output is an HF model directory that loads, checkpoints resume bit-identically,
 // and an existing model in output_dir is not overwritten without overwrite_output_dir.
@@ -71,39 +72,48 @@ ftune::TrainConfig config(const std::string& root, const std::string& out) {
 
 TEST_CASE("full fine-tuning: the first step is AdamW on forward_backward_full's gradient") {
   const std::string root = setup("fullft_step");
-  ftune::TrainConfig c = config(root, root + "/out");
-  c.max_steps = 1;
-  ftune::run_training(c);
+  for (double wd : {0.0, 0.1}) {
+    CAPTURE(wd);
+    ftune::TrainConfig c = config(root, root + "/out");
+    c.max_steps = 1;
+    c.weight_decay = wd;
+    ftune::run_training(c);
 
-  // By hand: the step's two micro-batches, loss normalised by their label count, one AdamW
-  // step from zero moments (bias-corrected: m^ = g, v^ = g^2).
-  ftune::BaseWeights w = ftune::load_base_weights(root + "/model");
-  ftune::DatasetOptions o;
-  o.dirs = c.train_file_dir;
-  o.max_length = c.model_max_length;
-  const std::vector<ftune::Example> data = ftune::load_dataset(o);
-  ftune::MicroBatchStream stream(data, c.per_device_train_batch_size, false, c.seed);
-  const ftune::MicroBatch m0 = stream.next(), m1 = stream.next();
-  const float scale = 1.f / static_cast<float>(m0.num_targets() + m1.num_targets());
-  std::vector<float> g(w.storage.size(), 0.f);
-  ftune::CpuTransformer model(w, false);
-  model.forward_backward_full(m0, g.data(), scale);
-  model.forward_backward_full(m1, g.data(), scale);
-  const ftune::BaseWeights got = ftune::load_base_weights(root + "/out/model");
-  REQUIRE(got.storage.size() == w.storage.size());
-  size_t bad = 0, moved = 0;
-  for (size_t i = 0; i < g.size(); ++i) {
-    const double gi = g[i];
-    const double want = w.storage[i] - c.learning_rate * gi / (std::abs(gi) + c.adam_epsilon);
-    bad += std::abs(got.storage[i] - want) > 1e-6 * (std::abs(want) + 1e-3);
-    moved += got.storage[i] != w.storage[i];
+    // By hand: the step's two micro-batches, loss normalised by their label count, one AdamW
+    // step from zero moments (bias-corrected: m^ = g, v^ = g^2), weight decay on all but
+    // biases and norm weights (HF's Trainer).
+    ftune::BaseWeights w = ftune::load_base_weights(root + "/model");
+    ftune::DatasetOptions o;
+    o.dirs = c.train_file_dir;
+    o.max_length = c.model_max_length;
+    const std::vector<ftune::Example> data = ftune::load_dataset(o);
+    ftune::MicroBatchStream stream(data, c.per_device_train_batch_size, false, c.seed);
+    const ftune::MicroBatch m0 = stream.next(), m1 = stream.next();
+    const float scale = 1.f / static_cast<float>(m0.num_targets() + m1.num_targets());
+    std::vector<float> g(w.storage.size(), 0.f);
+    ftune::CpuTransformer model(w, false);
+    model.forward_backward_full(m0, g.data(), scale);
+    model.forward_backward_full(m1, g.data(), scale);
+    std::vector<double> decay(g.size(), 1.0);
+    for (const auto& e : ftune::BaseWeights::layout(w.cfg))
+      if (e.name.find("bias") == std::string::npos && e.name.find("norm") == std::string::npos)
+        std::fill_n(decay.begin() + e.offset, e.numel(), 1.0 - c.learning_rate * wd);
+    const ftune::BaseWeights got = ftune::load_base_weights(root + "/out/model");
+    REQUIRE(got.storage.size() == w.storage.size());
+    size_t bad = 0, moved = 0, with_grad = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      const double gi = g[i];
+      const double want =
+          w.storage[i] * decay[i] - c.learning_rate * gi / (std::abs(gi) + c.adam_epsilon);
+      bad += std::abs(got.storage[i] - want) > 1e-6 * (std::abs(want) + 1e-3);
+      moved += got.storage[i] != w.storage[i];
+      with_grad += gi != 0.0;
+    }
+    CHECK(bad == 0);
+    // Every weight with a gradient moved (embedding rows of unseen tokens have none).
+    if (wd == 0) CHECK(moved == with_grad);
+    CHECK(with_grad > g.size() * 9 / 10);
   }
-  CHECK(bad == 0);
-  // Every weight with a gradient moved (embedding rows of unseen tokens have none).
-  size_t with_grad = 0;
-  for (float x : g) with_grad += x != 0.f;
-  CHECK(moved == with_grad);
-  CHECK(with_grad > g.size() * 9 / 10);
 }
 
 TEST_CASE("full fine-tuning: loss falls, HF directory out, resume bit-identical") {

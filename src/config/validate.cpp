@@ -29,9 +29,6 @@ const NotYet kNotYetSupported[] = {
     // Full fine-tuning runs on the CPU reference backend so far (the GPU path is planned).
     {"use_peft", [](const TrainConfig& c) { return !c.use_peft && c.device == "cuda"; },
      "full fine-tuning on GPUs is planned; it runs on the CPU backend: set device = \"cpu\""},
-    {"use_peft", [](const TrainConfig& c) { return !c.use_peft && c.weight_decay > 0; },
-     "full fine-tuning with weight_decay > 0 (which HF applies to all but biases and norms) "
-     "is planned: set weight_decay = 0"},
     {"use_peft", [](const TrainConfig& c) {
        return !c.use_peft && (c.load_in_8bit || c.load_in_4bit); },
      "full fine-tuning of quantised base weights is not planned (QLoRA trains adapters): "

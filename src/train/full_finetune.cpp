@@ -22,6 +22,17 @@ LoraAdapter full_model_as_adapter(const BaseWeights& w) {
   return a;
 }
 
+std::vector<uint8_t> full_finetune_decay_mask(const BaseWeights& w) {
+  std::vector<uint8_t> mask(w.storage.size(), 1);
+  for (const BaseWeights::Entry& e : BaseWeights::layout(w.cfg)) {
+    // HF's forbidden name patterns: "bias", "layernorm", "rmsnorm", "norm", "_norm".
+    const bool exempt = e.name.find("bias") != std::string::npos ||
+                        e.name.find("norm") != std::string::npos;
+    if (exempt) std::fill_n(mask.begin() + e.offset, e.numel(), uint8_t{0});
+  }
+  return mask;
+}
+
 FullFineTuneBackend::FullFineTuneBackend(BaseWeights& weights, bool gradient_checkpointing)
     : w_(weights), model_(weights, gradient_checkpointing) {}
 

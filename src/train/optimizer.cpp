@@ -6,8 +6,9 @@
 namespace ftune {
 
 void adamw_step(std::span<float> params, std::span<const float> grads, AdamWState& s, double lr,
-                const AdamWHyper& h) {
-  if (params.size() != grads.size() || s.m.size() != params.size())
+                const AdamWHyper& h, std::span<const uint8_t> decays) {
+  if (params.size() != grads.size() || s.m.size() != params.size() ||
+      (!decays.empty() && decays.size() != params.size()))
     throw std::runtime_error("adamw_step: size mismatch");
   s.step += 1;
   // Scalars as torch's single-tensor AdamW forms them (in double, applied in fp32).
@@ -22,7 +23,7 @@ void adamw_step(std::span<float> params, std::span<const float> grads, AdamWStat
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float g = grads[i];
-    params[i] *= decay;
+    if (decays.empty() || decays[i]) params[i] *= decay;
     s.m[i] += w1 * (g - s.m[i]);  // torch: exp_avg.lerp_(grad, 1 - beta1)
     s.v[i] = s.v[i] * b2 + w2 * g * g;
     const float denom = std::sqrt(s.v[i]) / bc2s + eps;

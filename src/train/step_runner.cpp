@@ -2,6 +2,7 @@
 #include "ftune/train/step_runner.hpp"
 
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,10 @@
 #endif
 
 namespace ftune {
+
+void StepRunner::set_decay_mask(std::span<const uint8_t>) {
+  throw std::runtime_error(describe() + ": a per-parameter weight-decay mask is not supported");
+}
 
 namespace {
 
@@ -40,6 +45,7 @@ class HostStepRunner final : public StepRunner {
   void params_from_host(const LoraAdapter& a) override {
     if (&a != &adapter_) adapter_.params = a.params;
   }
+  void set_decay_mask(std::span<const uint8_t> decays) override { opt_.set_decay_mask(decays); }
   ShardRange owned() const override { return opt_.owned(); }
   size_t state_bytes() const override { return opt_.state_bytes(); }
   OptimizerShard export_shard(std::span<const float> params) override {

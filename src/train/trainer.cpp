@@ -378,6 +378,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                               cfg.offload_optimizer == "cpu");
   });
   StepRunner& opt = *runner;
+  if (!cfg.use_peft && cfg.weight_decay > 0) opt.set_decay_mask(full_finetune_decay_mask(run.weights));
 
   // ---- resume
   int64_t start_step = 0;

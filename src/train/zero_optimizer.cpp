@@ -44,12 +44,17 @@ double ZeroAdamW::step(std::span<float> params, std::span<float> grads, double l
     if (coef < 1.0)
       for (float& x : g) x *= static_cast<float>(coef);
   }
-  adamw_step(params.subspan(owned_.begin, owned_.size()), g, state_, lr, hyper_);
+  adamw_step(params.subspan(owned_.begin, owned_.size()), g, state_, lr, hyper_, decays_);
   if (stage_ > 0 && multi) {
     std::vector<float> mine(params.begin() + owned_.begin, params.begin() + owned_.end);
     comm_.all_gather(mine, params);
   }
   return norm;
+}
+
+void ZeroAdamW::set_decay_mask(std::span<const uint8_t> decays) {
+  if (decays.size() != n_) throw std::runtime_error("ZeroAdamW: decay mask size mismatch");
+  decays_.assign(decays.begin() + owned_.begin, decays.begin() + owned_.end);
 }
 
 OptimizerShard ZeroAdamW::export_shard(std::span<const float> params) const {

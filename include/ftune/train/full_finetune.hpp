@@ -5,7 +5,9 @@
 // serve it unchanged, it travels as the params of a LoraAdapter without slots
 // (full_model_as_adapter); FullFineTuneBackend computes its gradient with
 // CpuTransformer::forward_backward_full.
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "ftune/model/backend.hpp"
 #include "ftune/model/lora.hpp"
@@ -16,6 +18,9 @@ namespace ftune {
 
 // rank 0, no slots, params = a copy of w.storage.
 LoraAdapter full_model_as_adapter(const BaseWeights& w);
+// 1 where AdamW's weight decay applies, per parameter of w.storage: as HF's Trainer
+// (get_decay_parameter_names), every tensor but biases and norm weights.
+std::vector<uint8_t> full_finetune_decay_mask(const BaseWeights& w);
 
 class FullFineTuneBackend final : public TrainBackend {
  public:

@@ -19,8 +19,10 @@ struct AdamWState {
 };
 
 // One AdamW update of params given grads at learning rate lr (state.step is advanced).
+// decays (empty: all): weight decay applies to params[i] only where decays[i] != 0 (HF
+// exempts biases and norm weights in full fine-tuning).
 void adamw_step(std::span<float> params, std::span<const float> grads, AdamWState& state,
-                double lr, const AdamWHyper& h);
+                double lr, const AdamWHyper& h, std::span<const uint8_t> decays = {});
 
 // L2 norm of all gradients (computed in double).
 double global_grad_norm(std::span<const float> grads);

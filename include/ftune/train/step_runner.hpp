@@ -45,6 +45,9 @@ class StepRunner {
   // Restores moments and the step count of owned(), and writes the shard's master weights
   // into params[owned()] (the caller gathers the rest, then calls params_from_host).
   virtual void import_shard(const OptimizerShard& s, std::span<float> params) = 0;
+  // Weight decay only where decays[i] != 0 (full fine-tuning's exemptions). The host runner
+  // implements it; the GPU runner (LoRA, decay everywhere) refuses.
+  virtual void set_decay_mask(std::span<const uint8_t> decays);
 };
 
 // adapter must outlive the runner (the host runner updates adapter.params in place).

@@ -23,6 +23,8 @@ class ZeroAdamW {
   // identical on every rank) hold the updated values. Returns the pre-clip global norm.
   double step(std::span<float> params, std::span<float> grads, double lr, double max_grad_norm);
 
+  // Weight decay only where decays[i] != 0 (full length; default: everywhere).
+  void set_decay_mask(std::span<const uint8_t> decays);
   ShardRange owned() const { return owned_; }   // the state this rank keeps
   size_t state_bytes() const;                    // m + v + master held by this rank
   int stage() const { return stage_; }
@@ -39,6 +41,7 @@ class ZeroAdamW {
   ShardRange owned_;
   AdamWState state_;  // moments for owned_
   std::vector<float> grad_shard_;
+  std::vector<uint8_t> decays_;  // owned range; empty = decay everything
 };
 
 }  // namespace ftune
