@@ -369,8 +369,17 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   std::unique_ptr<TrainBackend> backend;
   if (cfg.use_peft)
     backend = make_backend(cfg, run.weights, comm.world());
-  else  // validation refused device = "cuda"; "auto" takes the CPU for full fine-tuning
+  else {
+    // Validation refused device = "cuda". "auto" on a GPU host would silently train a model
+    // meant for a GPU on the CPU (fp32, five copies of the weights): refuse instead.
+#if FTUNE_HAVE_CUDA
+    if (cfg.device == "auto" && cuda::cuda_device_count() > 0)
+      throw std::runtime_error("use_peft = false: full fine-tuning runs on the CPU backend only "
+                               "so far, and device = \"auto\" found a GPU; set device = \"cpu\" "
+                               "to run it on the CPU");
+#endif
     backend = std::make_unique<FullFineTuneBackend>(run.weights, cfg.gradient_checkpointing);
+  }
   std::unique_ptr<StepRunner> runner;
   on_all_ranks(comm, [&] {
     runner = make_step_runner(*backend, adapter, cfg.zero_stage, comm,
