@@ -5,7 +5,8 @@
 # the steps named on the command line, logging each to $OUT/STEP.log:
 #   build  test  lora  bench  profile  (lora: tools/bench_lora.cpp; bench/profile: 8B shape,
 #   batch 4, checkpointing on, ftune alone; hf: HF+PEFT eager and compiled on the same case;
-#   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights)
+#   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights;
+#   attn: our flash attention against torch SDPA at the issue's two shapes)
 # Prepare here first (both folders are git-ignored):
 #   mkdir -p .deb && (cd .deb && apt-get download libtomlplusplus-dev libutf8proc-dev \
 #     libutf8proc2 libpcre2-dev libpcre2-8-0 && for f in *.deb; do dpkg -x $f root; done)
@@ -56,6 +57,9 @@ for s in "$@"; do
              tail -25 "$OUT/profile.log" ;;
     quant) step quant bash tools/gpu_quant_gap.sh build/ftune "$WORK" "$OUT/quant"
            cat "$OUT/quant/quant_gap.md" ;;
+    attn) step attn bash -c "build/tests/test_cuda_attention -tc='*timing*' -s > $OUT/attn_ours.log 2>&1; \
+            python3 tools/bench_attention.py --ours $OUT/attn_ours.log --out $OUT/attention_bench.md"
+          cat "$OUT/attention_bench.md" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
