@@ -116,7 +116,7 @@ TEST_CASE("accepted but not yet supported: rejected with the key and 'planned'")
       {[](TrainConfig& c) { c.offload_param = "cpu"; }, "offload_param = \"cpu\""},
       {[](TrainConfig& c) { c.use_peft = false; c.device = "cuda"; }, "use_peft = false"},
       {[](TrainConfig& c) { c.use_peft = false; c.load_in_8bit = true; }, "use_peft = false"},
-      {[](TrainConfig& c) { c.use_peft = false; c.init_adapter = "x"; }, "use_peft = false"},
+      {[](TrainConfig& c) { c.use_peft = false; c.init_adapter = "runs/lora/adapter"; }, "use_peft = false"},
       {[](TrainConfig& c) { c.fp16 = true; }, "fp16 = true"},
   };
   for (const Case& k : cases) {
@@ -133,7 +133,7 @@ TEST_CASE("full fine-tuning: what it cannot combine with yet is named; on its ow
   CHECK(rejection([](TrainConfig& c) { c.use_peft = false; c.weight_decay = 0.1; }).empty());
   CHECK(contains(rejection([](TrainConfig& c) { c.use_peft = false; c.load_in_4bit = true; }),
                  "QLoRA"));
-  CHECK(contains(rejection([](TrainConfig& c) { c.use_peft = false; c.init_adapter = "a"; }),
+  CHECK(contains(rejection([](TrainConfig& c) { c.use_peft = false; c.init_adapter = "runs/lora/adapter"; }),
                  "clear it"));
   CHECK(rejection([](TrainConfig& c) { c.use_peft = false; c.device = "cpu"; }).empty());
 }
