@@ -19,13 +19,8 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string tiny_model(const std::string& dir, uint64_t seed) {
-  ftune::ModelConfig c;
-  c.model_type = "qwen2";
-  c.vocab_size = 64; c.hidden_size = 32; c.intermediate_size = 48; c.num_hidden_layers = 2;
-  c.num_attention_heads = 4; c.num_key_value_heads = 2; c.head_dim = 8;
-  c.max_position_embeddings = 128; c.attention_bias = true; c.tie_word_embeddings = true;
   ftune::BaseWeights w;
-  w.allocate(c);
+  w.allocate(ftune::test::qwen2_tiny_config());
   ftune::init_random_weights(w, seed, 0.1);
   ftune::save_hf_model(dir, w);
   return dir;

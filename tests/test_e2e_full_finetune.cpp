@@ -24,19 +24,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-ftune::ModelConfig tiny_config() {
-  ftune::ModelConfig c;
-  c.model_type = "qwen2";  // q/k/v biases and tied embeddings: the awkward cases
-  c.vocab_size = 64; c.hidden_size = 32; c.intermediate_size = 48; c.num_hidden_layers = 2;
-  c.num_attention_heads = 4; c.num_key_value_heads = 2; c.head_dim = 8;
-  c.max_position_embeddings = 128; c.attention_bias = true; c.tie_word_embeddings = true;
-  return c;
-}
-
 std::string setup(const std::string& name) {
   const std::string root = ftune::test::scratch(name);
   ftune::BaseWeights w;
-  w.allocate(tiny_config());
+  w.allocate(ftune::test::qwen2_tiny_config());
   ftune::init_random_weights(w, 3, 0.1);
   ftune::save_hf_model(root + "/model", w);
   fs::create_directories(root + "/data");

@@ -48,4 +48,22 @@ inline ModelConfig llama_tiny_config() {
   m.max_position_embeddings = 256;
   return m;
 }
+
+// A tiny Qwen2-style decoder for trainer tests: q/k/v biases and tied embeddings, the
+// awkward cases (hidden 32, 2 layers, heads 4 / kv 2 of 8, intermediate 48, vocab 64).
+inline ModelConfig qwen2_tiny_config() {
+  ModelConfig c;
+  c.model_type = "qwen2";
+  c.vocab_size = 64;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.max_position_embeddings = 128;
+  c.attention_bias = true;
+  c.tie_word_embeddings = true;
+  return c;
+}
 }  // namespace ftune::test

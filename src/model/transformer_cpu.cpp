@@ -85,8 +85,14 @@ struct CpuTransformer::Impl {
   float* full = nullptr;
   float* grad_of(const float* weight) const { return full + (weight - w.storage.data()); }
 
+  LoraAdapter no_lora;  // full fine-tuning's adapter: no projection carries LoRA
+
   Impl(const BaseWeights& weights, bool ckpt)
-      : w(weights), c(weights.cfg), checkpointing(ckpt), inv_freq(rope_inv_freq(weights.cfg)) {}
+      : w(weights), c(weights.cfg), checkpointing(ckpt), inv_freq(rope_inv_freq(weights.cfg)) {
+    no_lora.model = c;
+    no_lora.spec.rank = 0;
+    no_lora.slot_of.assign(c.num_hidden_layers * kNumProj, -1);
+  }
 
   void ensure_rope(int64_t positions) {
     if (positions <= rope_positions) return;
@@ -382,7 +388,6 @@ LossSum CpuTransformer::forward_backward(const MicroBatch& mb, const LoraAdapter
                                          float* grads, float loss_scale, uint64_t dropout_seed) {
   Impl& m = *impl_;
   if (mb.num_tokens() == 0) return {};
-  m.full = nullptr;
   return m.run(mb, adapter, grads, loss_scale, dropout_seed);
 }
 
@@ -390,16 +395,12 @@ LossSum CpuTransformer::forward_backward_full(const MicroBatch& mb, float* grads
                                               float loss_scale) {
   Impl& m = *impl_;
   if (mb.num_tokens() == 0) return {};
-  LoraAdapter none;  // no projection carries LoRA
-  none.model = m.c;
-  none.spec.rank = 0;
-  none.slot_of.assign(m.c.num_hidden_layers * kNumProj, -1);
   m.full = grads;
-  struct Reset {
+  struct Reset {  // LoRA steps after this one (or after a throw) form no base gradients
     Impl& m;
     ~Reset() { m.full = nullptr; }
   } reset{m};
-  return m.run(mb, none, nullptr, loss_scale, 0);
+  return m.run(mb, m.no_lora, nullptr, loss_scale, 0);
 }
 
 LossSum CpuTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) {

@@ -569,21 +569,21 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   // HF model directory output_dir/model).
   opt.params_to_host(adapter);
   if (start_step < total_steps) save_checkpoint(run, adapter, opt, trainer_state(total_steps));
-  const std::string adapter_dir =
+  const std::string product_dir =
       (fs::path(cfg.output_dir) / (cfg.use_peft ? "adapter" : "model")).string();
   on_all_ranks(comm, [&] {
     if (!run.root) return;
     if (cfg.use_peft)
-      save_peft_adapter(adapter_dir, adapter, cfg.model_name_or_path);
+      save_peft_adapter(product_dir, adapter, cfg.model_name_or_path);
     else
-      save_full_model(adapter_dir, run.weights, adapter, cfg.model_name_or_path);
+      save_full_model(product_dir, run.weights, adapter, cfg.model_name_or_path);
   });
   result.seconds = seconds_since(t_start);
   {
     std::ostringstream s;
     s << "[ftune] done: " << total_steps << " steps in " << format_duration(result.seconds)
       << ", final loss " << (result.losses.empty() ? NAN : result.losses.back())
-      << "; " << (cfg.use_peft ? "adapter" : "model") << " written to " << adapter_dir;
+      << "; " << (cfg.use_peft ? "adapter" : "model") << " written to " << product_dir;
     say(s.str());
   }
   return result;
