@@ -96,6 +96,13 @@ int cmd_init_model(const std::vector<std::string>& args) {
                  "counter-based parallel init (OpenMP), written tensor by tensor without the "
                  "model in memory; other values than the default mt19937 sequence")
       ->capture_default_str();
+  std::string weights = "stored";
+  app.add_option("--weights", weights,
+                 "stored: write model.safetensors; on_load: write only config.json and the "
+                 "seed (ftune_random_init.json), and ftune makes the --fast_init weights when "
+                 "it loads the model (for benchmarks of models larger than the disk; other "
+                 "tools cannot load such a directory)")
+      ->check(CLI::IsMember({"stored", "on_load"}))->capture_default_str();
   std::vector<std::string> argv_rev(args.rbegin(), args.rend());
   try {
     app.parse(argv_rev);
@@ -109,6 +116,11 @@ int cmd_init_model(const std::vector<std::string>& args) {
   const ftune::DType st_dtype = dtype == "bfloat16" ? ftune::DType::BF16 : ftune::DType::F32;
   const auto layout = ftune::BaseWeights::layout(c);
   const size_t params = layout.back().offset + layout.back().numel();
+  if (weights == "on_load") {
+    ftune::save_random_on_load_model(out, c, seed, std_dev);
+    std::cout << "wrote " << out << " (" << params << " parameters, made on load)\n";
+    return 0;
+  }
   if (fast_init) {
     ftune::save_random_hf_model(out, c, seed, std_dev, st_dtype);
   } else {

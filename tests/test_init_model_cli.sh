@@ -44,6 +44,17 @@ assert dtypes == {"BF16"}, dtypes
 assert os.path.getsize(path) == 8 + n + 2 * params, (os.path.getsize(path), n, params)
 PY
 
-# 3. Refusals.
+# 3. --weights on_load: config.json and the seed only (test_io_weight_source checks the load).
+"$FTUNE" init-model --output "$S/onload" --model_type qwen3 "${SMALL[@]}" --seed 3 \
+  --weights on_load >"$S/onload.log" 2>&1 || { cat "$S/onload.log"; fail "--weights on_load"; }
+grep -q "made on load" "$S/onload.log" || fail "on_load: no 'made on load' in its output"
+[ -f "$S/onload/ftune_random_init.json" ] && [ -f "$S/onload/config.json" ] ||
+  fail "on_load: config.json or ftune_random_init.json missing"
+[ -e "$S/onload/model.safetensors" ] && fail "on_load wrote model.safetensors"
+grep -q '"seed": 3' "$S/onload/ftune_random_init.json" || fail "on_load: seed not recorded"
+"$FTUNE" init-model --output "$S/fast1" --weights on_load >/dev/null 2>&1 &&
+  fail "on_load into a directory with model.safetensors accepted"
+
+# 4. Refusals.
 "$FTUNE" init-model --output "$S/bad" --dtype float16 >/dev/null 2>&1 && fail "--dtype float16 accepted"
 exit 0

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "ftune/io/safetensors.hpp"
+#include "ftune/model/weight_source.hpp"
 #include "io_util.hpp"
 
 namespace fs = std::filesystem;
@@ -306,42 +307,103 @@ BaseWeights load_base_weights(const std::string& dir) {
   return load_base_weights(dir, load_model_config(dir));
 }
 
-BaseWeights load_base_weights(const std::string& dir, const ModelConfig& cfg) {
-  BaseWeights w;
-  const std::vector<BaseWeights::Entry> entries = w.allocate(cfg);
-  const SafetensorsSet set(dir);
-  std::set<std::string> used;
-  for (const auto& e : entries) {
-    if (!set.has(e.name)) {
-      if (e.name == "lm_head.weight")
-        throw std::runtime_error("model directory " + dir +
-                                 ": lm_head.weight is missing but config.json has "
-                                 "tie_word_embeddings false");
-      throw std::runtime_error("model directory " + dir + ": tensor '" + e.name +
-                               "' is missing from the safetensors files");
+namespace {
+
+// An HF directory's safetensors, checked against the config when opened (every tensor
+// present, shapes and dtypes convertible, nothing unexpected), then read slice by slice
+// from the memory-mapped files.
+class SafetensorsWeightSource final : public WeightSource {
+ public:
+  SafetensorsWeightSource(const std::string& dir, const ModelConfig& cfg)
+      : WeightSource(cfg), dir_(dir), set_(dir) {
+    std::set<std::string> used;
+    for (const auto& e : entries_) {
+      if (!set_.has(e.name)) {
+        if (e.name == "lm_head.weight")
+          throw std::runtime_error("model directory " + dir +
+                                   ": lm_head.weight is missing but config.json has "
+                                   "tie_word_embeddings false");
+        throw std::runtime_error("model directory " + dir + ": tensor '" + e.name +
+                                 "' is missing from the safetensors files");
+      }
+      set_.read_f32(e.name, e.shape, nullptr, 0, 0);  // shape and dtype checks only
+      used.insert(e.name);
     }
-    set.read_f32(e.name, e.shape, w.storage.data() + e.offset);
-    used.insert(e.name);
+    // Unused tensors: a layer past num_hidden_layers, or a per-layer tensor the config does
+    // not describe (e.g. biases with attention_bias false), means config and weights disagree.
+    const std::string layers_prefix = "model.layers.";
+    for (const std::string& name : set_.names()) {
+      if (used.count(name) || name.rfind(layers_prefix, 0) != 0) continue;
+      if (name.ends_with("rotary_emb.inv_freq")) continue;  // buffer saved by old exports
+      const size_t dot = name.find('.', layers_prefix.size());
+      const std::string num = name.substr(layers_prefix.size(), dot - layers_prefix.size());
+      const bool numeric = !num.empty() && num.find_first_not_of("0123456789") == std::string::npos;
+      if (numeric && std::stoll(num) >= cfg.num_hidden_layers)
+        throw std::runtime_error("model directory " + dir + ": tensor '" + name +
+                                 "' is beyond num_hidden_layers = " +
+                                 std::to_string(cfg.num_hidden_layers) +
+                                 " (config.json does not match the weights)");
+      throw std::runtime_error("model directory " + dir + ": unexpected tensor '" + name +
+                               "' for a " + cfg.model_type +
+                               " config (attention_bias/qk_norm do not match the weights?)");
+    }
   }
-  // Unused tensors: a layer past num_hidden_layers, or a per-layer tensor the config does
-  // not describe (e.g. biases with attention_bias false), means config and weights disagree.
-  const std::string layers_prefix = "model.layers.";
-  for (const std::string& name : set.names()) {
-    if (used.count(name) || name.rfind(layers_prefix, 0) != 0) continue;
-    if (name.ends_with("rotary_emb.inv_freq")) continue;  // buffer saved by old exports
-    const size_t dot = name.find('.', layers_prefix.size());
-    const std::string num = name.substr(layers_prefix.size(), dot - layers_prefix.size());
-    const bool numeric = !num.empty() && num.find_first_not_of("0123456789") == std::string::npos;
-    if (numeric && std::stoll(num) >= cfg.num_hidden_layers)
-      throw std::runtime_error("model directory " + dir + ": tensor '" + name +
-                               "' is beyond num_hidden_layers = " +
-                               std::to_string(cfg.num_hidden_layers) +
-                               " (config.json does not match the weights)");
-    throw std::runtime_error("model directory " + dir + ": unexpected tensor '" + name +
-                             "' for a " + cfg.model_type +
-                             " config (attention_bias/qk_norm do not match the weights?)");
+  void read(size_t t, size_t begin, size_t count, float* dst) const override {
+    const BaseWeights::Entry& e = entries_.at(t);
+    set_.read_f32(e.name, e.shape, dst, begin, count);
   }
-  return w;
+  std::string describe() const override { return "safetensors in " + dir_; }
+
+ private:
+  std::string dir_;
+  SafetensorsSet set_;
+};
+
+constexpr const char* kRandomInitFile = "ftune_random_init.json";
+
+}  // namespace
+
+std::unique_ptr<WeightSource> open_base_weights(const std::string& dir, const ModelConfig& cfg) {
+  const fs::path marker = fs::path(dir) / kRandomInitFile;
+  const bool has_safetensors = fs::exists(fs::path(dir) / "model.safetensors") ||
+                               fs::exists(fs::path(dir) / "model.safetensors.index.json");
+  if (has_safetensors || !fs::exists(marker))
+    return std::make_unique<SafetensorsWeightSource>(dir, cfg);
+  const json j = io::read_json_file(marker.string());
+  const JsonView v{j, marker.string()};
+  if (!j.is_object() || !v.has("generator") || !j.at("generator").is_string() ||
+      j.at("generator").get<std::string>() != "fast_init")
+    throw std::runtime_error(marker.string() +
+                             ": key 'generator' must be \"fast_init\" (written by ftune init-model "
+                             "--weights on_load)");
+  const int64_t seed = v.req_int("seed");
+  if (seed < 0) v.bad("seed", "must be >= 0");
+  const double std = v.opt_num("initializer_range", -1.0);
+  if (!(std > 0)) v.bad("initializer_range", "is required and must be > 0");
+  return std::make_unique<RandomWeightSource>(cfg, static_cast<uint64_t>(seed), std);
+}
+
+BaseWeights load_base_weights(const std::string& dir, const ModelConfig& cfg) {
+  return materialize(*open_base_weights(dir, cfg));
+}
+
+void save_random_on_load_model(const std::string& dir, const ModelConfig& c, uint64_t seed,
+                               double std) {
+  const std::string config = model_config_to_json(c, DType::BF16);
+  for (const char* f : {"model.safetensors", "model.safetensors.index.json"})
+    if (fs::exists(fs::path(dir) / f))
+      throw std::runtime_error("init-model: " + (fs::path(dir) / f).string() +
+                               " exists; --weights on_load writes no weights, so the directory "
+                               "would keep the old ones: choose an empty directory");
+  fs::create_directories(dir);
+  json m;
+  m["generator"] = "fast_init";
+  m["seed"] = seed;
+  m["initializer_range"] = std;
+  m["note"] = "ftune makes these weights when it loads the model (init_random_slice_fast); "
+              "other tools cannot load this directory";
+  io::write_text_atomic((fs::path(dir) / kRandomInitFile).string(), m.dump(2) + "\n");
+  io::write_text_atomic((fs::path(dir) / "config.json").string(), config);
 }
 
 void save_hf_model(const std::string& dir, const BaseWeights& w, DType dtype) {

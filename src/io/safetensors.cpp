@@ -212,6 +212,24 @@ std::vector<std::string> SafetensorsFile::names() const {
 
 void SafetensorsFile::read_f32(const std::string& name, const std::vector<int64_t>& expect_shape,
                                float* dst) const {
+  int64_t n = 1;
+  for (int64_t d : expect_shape) n *= d;
+  read_f32(name, expect_shape, dst, 0, static_cast<size_t>(n));
+}
+
+namespace {
+// Widening conversions to fp32 of elements [0, n) at src; parallel for large slices (a 70B
+// model is 70 billion of them), each element alone so any thread count gives the same floats.
+constexpr size_t kParallelConvert = size_t(1) << 20;
+template <typename F>
+void convert_elements(float* dst, const uint8_t* src, size_t n, size_t elem_bytes, F&& one) {
+#pragma omp parallel for schedule(static) if (n > kParallelConvert)
+  for (size_t i = 0; i < n; ++i) dst[i] = one(src + elem_bytes * i);
+}
+}  // namespace
+
+void SafetensorsFile::read_f32(const std::string& name, const std::vector<int64_t>& expect_shape,
+                               float* dst, size_t begin, size_t count) const {
   auto it = tensors_.find(name);
   if (it == tensors_.end())
     throw std::runtime_error("safetensors file " + path_ + ": no tensor '" + name + "'");
@@ -219,33 +237,33 @@ void SafetensorsFile::read_f32(const std::string& name, const std::vector<int64_
   if (e.info.shape != expect_shape)
     throw std::runtime_error("safetensors file " + path_ + ": tensor '" + name + "' has shape " +
                              shape_str(e.info.shape) + ", expected " + shape_str(expect_shape));
-  const uint8_t* src = data_ + e.begin;
-  const size_t n = static_cast<size_t>(e.info.numel());
+  if (begin + count > static_cast<size_t>(e.info.numel()))
+    throw std::runtime_error("safetensors file " + path_ + ": slice past the end of '" + name + "'");
   // memcpy per element: the data section need not be aligned for the element type.
   switch (e.info.dtype) {
     case DType::F32:
-      std::memcpy(dst, src, n * 4);
+      if (count) std::memcpy(dst, data_ + e.begin + 4 * begin, count * 4);
       break;
     case DType::BF16:
-      for (size_t i = 0; i < n; ++i) {
+      convert_elements(dst, data_ + e.begin + 2 * begin, count, 2, [](const uint8_t* p) {
         uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        dst[i] = std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
-      }
+        std::memcpy(&h, p, 2);
+        return std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
+      });
       break;
     case DType::F16:
-      for (size_t i = 0; i < n; ++i) {
+      convert_elements(dst, data_ + e.begin + 2 * begin, count, 2, [](const uint8_t* p) {
         uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        dst[i] = half_to_float(h);
-      }
+        std::memcpy(&h, p, 2);
+        return half_to_float(h);
+      });
       break;
     case DType::F64:
-      for (size_t i = 0; i < n; ++i) {
+      convert_elements(dst, data_ + e.begin + 8 * begin, count, 8, [](const uint8_t* p) {
         double d;
-        std::memcpy(&d, src + 8 * i, 8);
-        dst[i] = static_cast<float>(d);
-      }
+        std::memcpy(&d, p, 8);
+        return static_cast<float>(d);
+      });
       break;
     default:
       throw std::runtime_error("safetensors file " + path_ + ": tensor '" + name + "' has dtype " +
@@ -307,6 +325,13 @@ void SafetensorsSet::read_f32(const std::string& name, const std::vector<int64_t
   auto it = where_.find(name);
   if (it == where_.end()) throw std::runtime_error("no tensor '" + name + "' in the model files");
   files_[it->second]->read_f32(name, expect_shape, dst);
+}
+
+void SafetensorsSet::read_f32(const std::string& name, const std::vector<int64_t>& expect_shape,
+                              float* dst, size_t begin, size_t count) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw std::runtime_error("no tensor '" + name + "' in the model files");
+  files_[it->second]->read_f32(name, expect_shape, dst, begin, count);
 }
 
 std::vector<std::string> SafetensorsSet::names() const {

@@ -53,29 +53,31 @@ std::vector<BaseWeights::Entry> BaseWeights::layout(const ModelConfig& c) {
     throw std::runtime_error("model config has non-positive sizes");
   std::vector<Entry> entries;
   size_t total = 0;
-  auto add = [&](std::string name, std::vector<int64_t> shape) {
-    entries.push_back({std::move(name), total, std::move(shape)});
+  auto add = [&](std::string name, std::vector<int64_t> shape, Kind kind, int64_t layer = -1,
+                 Proj proj = Proj::q) {
+    entries.push_back({std::move(name), total, std::move(shape), kind, layer, proj});
     total += entries.back().numel();
   };
   const int64_t H = c.hidden_size, V = c.vocab_size;
-  add("model.embed_tokens.weight", {V, H});
+  add("model.embed_tokens.weight", {V, H}, Kind::embed);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string pre = "model.layers." + std::to_string(l) + ".";
-    add(pre + "input_layernorm.weight", {H});
+    add(pre + "input_layernorm.weight", {H}, Kind::input_norm, l);
     for (Proj p : kAllProj) {
       const std::string base = pre + proj_parent(p) + "." + proj_name(p);
-      add(base + ".weight", {proj_out_features(c, p), proj_in_features(c, p)});
+      add(base + ".weight", {proj_out_features(c, p), proj_in_features(c, p)}, Kind::proj_weight,
+          l, p);
       if (c.attention_bias && (p == Proj::q || p == Proj::k || p == Proj::v))
-        add(base + ".bias", {proj_out_features(c, p)});
+        add(base + ".bias", {proj_out_features(c, p)}, Kind::proj_bias, l, p);
     }
     if (c.qk_norm) {
-      add(pre + "self_attn.q_norm.weight", {c.head_dim});
-      add(pre + "self_attn.k_norm.weight", {c.head_dim});
+      add(pre + "self_attn.q_norm.weight", {c.head_dim}, Kind::q_norm, l);
+      add(pre + "self_attn.k_norm.weight", {c.head_dim}, Kind::k_norm, l);
     }
-    add(pre + "post_attention_layernorm.weight", {H});
+    add(pre + "post_attention_layernorm.weight", {H}, Kind::post_norm, l);
   }
-  add("model.norm.weight", {H});
-  if (!c.tie_word_embeddings) add("lm_head.weight", {V, H});
+  add("model.norm.weight", {H}, Kind::final_norm);
+  if (!c.tie_word_embeddings) add("lm_head.weight", {V, H}, Kind::lm_head);
   return entries;
 }
 

@@ -37,23 +37,34 @@ namespace fs = std::filesystem;
 
 namespace ftune {
 
-std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const BaseWeights& weights,
-                                           const WorldInfo& world) {
+bool uses_cuda_backend(const TrainConfig& cfg, const WorldInfo& world) {
 #if FTUNE_HAVE_CUDA
   const int gpus = cuda::cuda_device_count();
   if (cfg.device == "cuda" && gpus == 0)
     throw std::runtime_error("device = \"cuda\" but no GPU is visible on " + world.host +
                              " (check the driver and CUDA_VISIBLE_DEVICES)");
-  if (cfg.device == "cuda" || (cfg.device == "auto" && gpus > 0))
-    return make_cuda_backend(weights, cfg.gradient_checkpointing, cfg.flash_attn,
-                             world.local_rank % gpus,  // GPU = local rank
-                             cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0);
+  return cfg.device == "cuda" || (cfg.device == "auto" && gpus > 0);
 #else
   if (cfg.device == "cuda")
     throw std::runtime_error("device = \"cuda\": this ftune was built without the CUDA backend "
                              "(nvcc was not found when CMake configured it)");
+  return false;
 #endif
-  return std::make_unique<CpuTransformer>(weights, cfg.gradient_checkpointing);
+}
+
+std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightSource& source,
+                                           const BaseWeights* weights, const WorldInfo& world) {
+#if FTUNE_HAVE_CUDA
+  if (uses_cuda_backend(cfg, world))
+    return make_cuda_backend(source, cfg.gradient_checkpointing, cfg.flash_attn,
+                             world.local_rank % cuda::cuda_device_count(),  // GPU = local rank
+                             cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0);
+#else
+  (void)uses_cuda_backend(cfg, world);
+#endif
+  if (!weights)
+    throw std::logic_error("make_backend: the CPU backend needs the weights materialised");
+  return std::make_unique<CpuTransformer>(*weights, cfg.gradient_checkpointing);
 }
 
 namespace {
@@ -85,13 +96,17 @@ struct Fnv {
   }
 };
 
-std::string model_fingerprint(const ModelConfig& mc, const BaseWeights& w) {
+// Identifies the base model a checkpoint was trained on: its config and a strided sample of
+// its weights as stored (cheap; any other model of the same shape differs). Quantised
+// training (a different model in effect) is named after it.
+std::string model_fingerprint(const ModelConfig& mc, const WeightSource& src, int quant_bits) {
   Fnv f;
   f.add(model_config_to_json(mc));
-  // A strided sample of the weights: cheap, and any other checkpoint of the same shape differs.
-  const size_t stride = std::max<size_t>(1, w.storage.size() / 65536);
-  for (size_t i = 0; i < w.storage.size(); i += stride) f.add(&w.storage[i], sizeof(float));
-  return mc.model_type + "/" + std::to_string(w.storage.size()) + "/" + f.hex();
+  const std::vector<float> sample = strided_sample(src);
+  f.add(sample.data(), sample.size() * sizeof(float));
+  std::string fp = mc.model_type + "/" + std::to_string(src.total_numel()) + "/" + f.hex();
+  if (quant_bits) fp += quant_bits == 8 ? "/int8" : "/nf4";
+  return fp;
 }
 
 std::string lora_fingerprint(const LoraAdapter& a) {
@@ -159,7 +174,9 @@ struct Run {
   Communicator& comm;
   bool root;
   ModelConfig mc;
-  BaseWeights weights;
+  std::unique_ptr<WeightSource> source;  // the base weights, read tensor by tensor
+  BaseWeights weights;  // the same in host memory, fp32: only where the CPU computes with them
+  bool on_cuda = false;
   std::vector<Example> train;
   std::vector<EvalSet> evals;
   CheckpointIdentity identity;
@@ -312,12 +329,17 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
           "sliding_window (" + std::to_string(run.mc.sliding_window) + ", " +
           cfg.model_name_or_path + "/config.json): sliding-window attention is not implemented; "
           "set model_max_length <= " + std::to_string(run.mc.sliding_window));
-    run.weights = load_base_weights(cfg.model_name_or_path, run.mc);
-    // load_in_8bit / 4bit: both backends train on the round trip of the projections (the
-    // CUDA backend keeps the quantised form itself; quantising the round trip again gives
-    // the same codes).
-    if (cfg.load_in_8bit) apply_int8_roundtrip(run.weights);
-    if (cfg.load_in_4bit) apply_nf4_roundtrip(run.weights);
+    run.source = open_base_weights(cfg.model_name_or_path, run.mc);
+    // The CUDA backend converts (and quantises) the weights tensor by tensor as it reads
+    // them; host memory never holds the fp32 model. The CPU backend computes with it.
+    run.on_cuda = cfg.use_peft && uses_cuda_backend(cfg, run.comm.world());
+    if (!run.on_cuda) {
+      run.weights = materialize(*run.source);
+      // load_in_8bit / 4bit: the CPU trains on the round trip of the projections (the CUDA
+      // backend quantises the originals: quantising the round trip gives the same codes).
+      if (cfg.load_in_8bit) apply_int8_roundtrip(run.weights);
+      if (cfg.load_in_4bit) apply_nf4_roundtrip(run.weights);
+    }
     if (!cfg.use_peft) {  // full fine-tuning: every base weight is trained
       adapter = full_model_as_adapter(run.weights);
       return;
@@ -336,7 +358,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   });
   load_data(run, say);
   run.identity.ftune_version = FTUNE_VERSION;
-  run.identity.model_fingerprint = model_fingerprint(run.mc, run.weights);
+  run.identity.model_fingerprint = model_fingerprint(
+      run.mc, *run.source, cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0);
   run.identity.lora_fingerprint = lora_fingerprint(adapter);
   run.identity.num_params = static_cast<int64_t>(adapter.params.size());
   {
@@ -368,7 +391,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                          total_steps};
   std::unique_ptr<TrainBackend> backend;
   if (cfg.use_peft)
-    backend = make_backend(cfg, run.weights, comm.world());
+    backend = make_backend(cfg, *run.source, run.on_cuda ? nullptr : &run.weights, comm.world());
   else {
     // Validation refused device = "cuda". "auto" on a GPU host would silently train a model
     // meant for a GPU on the CPU (fp32, five copies of the weights): refuse instead.

@@ -1,10 +1,12 @@
 #pragma once
 // io module: Hugging Face model directories (config.json + safetensors) to and from
 // ModelConfig/BaseWeights.
+#include <memory>
 #include <string>
 
 #include "ftune/io/safetensors.hpp"
 #include "ftune/model/model_config.hpp"
+#include "ftune/model/weight_source.hpp"
 #include "ftune/model/weights.hpp"
 
 namespace ftune {
@@ -18,6 +20,12 @@ ModelConfig load_model_config(const std::string& dir);
 // missing tensor or shape mismatch, naming the tensor and file.
 BaseWeights load_base_weights(const std::string& dir);
 BaseWeights load_base_weights(const std::string& dir, const ModelConfig& cfg);
+// The same weights read tensor by tensor, without the model in memory (the CUDA backend
+// converts them as they come). Checks every tensor's presence, shape and dtype on opening.
+// A directory `ftune init-model --weights on_load` wrote (config.json and
+// ftune_random_init.json, no safetensors) gives its random init (RandomWeightSource):
+// models too large for the disk can be benchmarked.
+std::unique_ptr<WeightSource> open_base_weights(const std::string& dir, const ModelConfig& cfg);
 
 // Writes an HF model directory (config.json + model.safetensors) with the tensors stored as
 // dtype: F32, or BF16 (rounded to nearest even, converted slice by slice while writing, so
@@ -29,5 +37,9 @@ void save_hf_model(const std::string& dir, const BaseWeights& w, DType dtype = D
 // model size (`ftune init-model --fast_init true`).
 void save_random_hf_model(const std::string& dir, const ModelConfig& c, uint64_t seed,
                           double std, DType dtype = DType::F32);
+// config.json + ftune_random_init.json (seed, std): the model save_random_hf_model would write,
+// with its weights generated on load instead of stored. Only ftune reads such a directory.
+void save_random_on_load_model(const std::string& dir, const ModelConfig& c, uint64_t seed,
+                               double std);
 std::string model_config_to_json(const ModelConfig& c, DType dtype = DType::F32);
 }  // namespace ftune

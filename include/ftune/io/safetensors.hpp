@@ -37,6 +37,9 @@ class SafetensorsFile {
   // Converts tensor `name` to fp32 into dst (numel floats); checks the expected shape.
   void read_f32(const std::string& name, const std::vector<int64_t>& expect_shape,
                 float* dst) const;
+  // Elements [begin, begin + count) of the row-major tensor only (count 0: just the checks).
+  void read_f32(const std::string& name, const std::vector<int64_t>& expect_shape, float* dst,
+                size_t begin, size_t count) const;
 
  private:
   struct Entry { TensorInfo info; size_t begin, end; };
@@ -57,6 +60,8 @@ class SafetensorsSet {
   const TensorInfo& info(const std::string& name) const;
   void read_f32(const std::string& name, const std::vector<int64_t>& expect_shape,
                 float* dst) const;
+  void read_f32(const std::string& name, const std::vector<int64_t>& expect_shape, float* dst,
+                size_t begin, size_t count) const;
   std::vector<std::string> names() const;
 
  private:

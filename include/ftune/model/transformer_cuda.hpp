@@ -18,7 +18,7 @@
 
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/model/backend.hpp"
-#include "ftune/model/weights.hpp"
+#include "ftune/model/weight_source.hpp"
 
 namespace ftune {
 
@@ -30,7 +30,10 @@ class CudaTransformer final : public TrainBackend {
   // quant_bits 8 (load_in_8bit) or 4 (load_in_4bit, NF4): the projection weights live on
   // the device quantised (kernels/cpu_quant.hpp) and each layer is dequantised to bf16 just
   // before its products (one layer's bf16 copy at a time).
-  // `weights` must outlive the backend only for the constructor (everything is copied).
+  // The weights are read from `weights` tensor by tensor while constructing (host memory
+  // holds one slice or one matrix at a time) and not used afterwards.
+  CudaTransformer(const WeightSource& weights, bool gradient_checkpointing, bool flash_attn,
+                  int device = 0, int quant_bits = 0);
   CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing, bool flash_attn,
                   int device = 0, int quant_bits = 0);
   ~CudaTransformer() override;
@@ -65,7 +68,7 @@ class CudaTransformer final : public TrainBackend {
   std::unique_ptr<Impl> impl_;
 };
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const BaseWeights& weights,
+std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
                                                 int device, int quant_bits = 0);
 

@@ -40,11 +40,19 @@ struct BaseWeights {
   const float* lm_head = nullptr;             // [V, H]; == embed when tied
   std::vector<LayerWeights> layers;
 
-  // An HF tensor of the model: its name, shape and offset (in floats) into `storage`.
+  // What an HF tensor is in the model, so code that walks the layout (a backend converting
+  // tensor by tensor) need not parse names.
+  enum class Kind { embed, input_norm, proj_weight, proj_bias, q_norm, k_norm, post_norm,
+                    final_norm, lm_head };
+  // An HF tensor of the model: its name, shape and offset (in floats) into `storage`;
+  // layer and proj where the kind has them.
   struct Entry {
     std::string name;
     size_t offset;
     std::vector<int64_t> shape;
+    Kind kind = Kind::embed;
+    int64_t layer = -1;
+    Proj proj = Proj::q;
     size_t numel() const;
   };
   // The entries allocate(c) returns, in the same order, without allocating anything: for

@@ -12,6 +12,7 @@
 #include "ftune/dist/communicator.hpp"
 #include "ftune/model/backend.hpp"
 #include "ftune/model/lora.hpp"
+#include "ftune/model/weight_source.hpp"
 
 namespace ftune {
 
@@ -38,8 +39,13 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm);
 // A single-rank run (tests, tools).
 TrainResult run_training(const TrainConfig& cfg);
 
-// The backend for cfg.device ("auto", "cpu", "cuda") on this rank (GPU = local rank).
-std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const BaseWeights& weights,
-                                           const WorldInfo& world);
+// Whether cfg.device ("auto", "cpu", "cuda") picks the CUDA backend on this host; throws
+// for "cuda" where there is no GPU or no CUDA build.
+bool uses_cuda_backend(const TrainConfig& cfg, const WorldInfo& world);
+// The backend for cfg.device on this rank (GPU = local rank). The CUDA backend reads
+// `source` tensor by tensor; the CPU backend computes with `weights` (the materialised
+// source; may be null when the CUDA backend is picked).
+std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightSource& source,
+                                           const BaseWeights* weights, const WorldInfo& world);
 
 }  // namespace ftune

@@ -1,6 +1,7 @@
 #pragma once
-// The frozen base model on the device: every tensor of BaseWeights converted once from fp32
-// to bf16 into one allocation (tied lm_head shares the embedding's copy). With quant_bits 8
+// The frozen base model on the device: every tensor of a WeightSource converted once from
+// fp32 to bf16 into one allocation, read tensor by tensor (host memory holds one slice, or
+// one projection matrix when quantising, never the model) (tied lm_head shares the embedding's copy). With quant_bits 8
 // (load_in_8bit) or 4 (load_in_4bit) the projection weights are kept quantised instead
 // (kernels/cpu_quant.hpp; w[] null, q[]/qscale[] set), and the transformer dequantises a layer
 // before using it.
@@ -8,7 +9,7 @@
 #include <vector>
 
 #include "ftune/kernels/cuda_device.hpp"
-#include "ftune/model/weights.hpp"
+#include "ftune/model/weight_source.hpp"
 
 namespace ftune::cuda::model {
 
@@ -28,7 +29,7 @@ struct DeviceLayer {
 
 class DeviceWeights {
  public:
-  DeviceWeights(const BaseWeights& w, stream_t stream, int quant_bits = 0);
+  DeviceWeights(const WeightSource& src, stream_t stream, int quant_bits = 0);
   int quant_bits = 0;  // 0: bf16 projections
   const bf16* embed = nullptr;
   const bf16* final_norm = nullptr;
@@ -37,7 +38,7 @@ class DeviceWeights {
   size_t bytes() const { return buf_.bytes() + q_buf_.bytes(); }
 
  private:
-  void upload_quantised(const BaseWeights& w, stream_t stream);
+  void upload_quantised(const WeightSource& src, stream_t stream);
   DeviceBuffer buf_, q_buf_;
 };
 

@@ -84,13 +84,13 @@ struct CudaTransformer::Impl {
   int dequant_layer = -1;
   std::array<size_t, kNumProj> dequant_off{};
 
-  Impl(const BaseWeights& weights, bool ckpt, bool flash_attn, int dev, int quant_bits)
+  Impl(const WeightSource& weights, bool ckpt, bool flash_attn, int dev, int quant_bits)
       : device(select_device(dev)),
-        c(weights.cfg),
+        c(weights.config()),
         checkpointing(ckpt),
-        flash(flash_attn && (weights.cfg.head_dim == 64 || weights.cfg.head_dim == 128)),
+        flash(flash_attn && (c.head_dim == 64 || c.head_dim == 128)),
         w(weights, stream.get(), quant_bits),
-        inv_freq(rope_inv_freq(weights.cfg)) {
+        inv_freq(rope_inv_freq(c)) {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
@@ -416,10 +416,14 @@ struct CudaTransformer::Impl {
   }
 };
 
-CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing,
+CudaTransformer::CudaTransformer(const WeightSource& weights, bool gradient_checkpointing,
                                  bool flash_attn, int device, int quant_bits)
     : impl_(std::make_unique<Impl>(weights, gradient_checkpointing, flash_attn, device,
                                    quant_bits)) {}
+CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing,
+                                 bool flash_attn, int device, int quant_bits)
+    : CudaTransformer(InMemoryWeightSource(weights), gradient_checkpointing, flash_attn, device,
+                      quant_bits) {}
 CudaTransformer::~CudaTransformer() = default;
 
 std::string CudaTransformer::name() const { return impl_->dev_name; }
@@ -492,7 +496,7 @@ LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& a
   return forward_loss_on_device(mb, adapter, m.p16.as<bf16>());
 }
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const BaseWeights& weights,
+std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
                                                 int device, int quant_bits) {
   return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device,
