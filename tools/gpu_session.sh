@@ -6,7 +6,8 @@
 #   build  test  lora  bench  profile  (lora: tools/bench_lora.cpp; bench/profile: 8B shape,
 #   batch 4, checkpointing on, ftune alone; hf: HF+PEFT eager and compiled on the same case;
 #   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights;
-#   attn: our flash attention against torch SDPA at the issue's two shapes)
+#   attn: our flash attention against torch SDPA at the issue's two shapes; big:
+#   tools/bench_big_models.py, the cases in $BIG_CASES, default all)
 # Prepare here first (both folders are git-ignored):
 #   mkdir -p .deb && (cd .deb && apt-get download libtomlplusplus-dev libutf8proc-dev \
 #     libutf8proc2 libpcre2-dev libpcre2-8-0 && for f in *.deb; do dpkg -x $f root; done)
@@ -60,9 +61,13 @@ for s in "$@"; do
     attn) step attn bash -c "build/tests/test_cuda_attention -tc='*timing*' -s > $OUT/attn_ours.log 2>&1; \
             python3 tools/bench_attention.py --ours $OUT/attn_ours.log --out $OUT/attention_bench.md"
           cat "$OUT/attention_bench.md" ;;
+    big) step big python3 tools/bench_big_models.py --ftune build/ftune --out "$OUT/big" \
+           ${BIG_CASES:+--cases "$BIG_CASES"}
+         tail -12 "$OUT/big.log" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
 # The device tool returns at most 8 files: the benchmark folders travel as one archive.
 [ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+[ -d "$OUT/big" ] && tar czf "$OUT/big.tgz" -C "$OUT" big && rm -rf "$OUT/big"
 exit 0
