@@ -113,7 +113,6 @@ TEST_CASE("accepted but not yet supported: rejected with the key and 'planned'")
   };
   const std::vector<Case> cases = {
       {[](TrainConfig& c) { c.zero_stage = 3; }, "zero_stage = 3"},
-      {[](TrainConfig& c) { c.offload_param = "cpu"; }, "offload_param = \"cpu\""},
       {[](TrainConfig& c) { c.use_peft = false; c.device = "cuda"; }, "use_peft = false"},
       {[](TrainConfig& c) { c.use_peft = false; c.load_in_8bit = true; }, "use_peft = false"},
       {[](TrainConfig& c) { c.use_peft = false; c.init_adapter = "runs/lora/adapter"; }, "use_peft = false"},

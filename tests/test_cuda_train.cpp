@@ -82,6 +82,50 @@ TEST_CASE("PEFT reference runs reproduced by the CUDA backend") {
   else MESSAGE("../shared absent: llama_tiny not checked");
 }
 
+namespace {
+
+// A 4-layer model with head_dim 64 (the flash kernels run), stored and random-on-load, and
+// a small pre-tokenized dataset, under root.
+void write_small_run(const std::string& root) {
+  ftune::ModelConfig mc = ftune::test::qwen2_tiny_config();
+  mc.hidden_size = 128;
+  mc.num_attention_heads = 2;
+  mc.num_key_value_heads = 1;
+  mc.head_dim = 64;
+  mc.intermediate_size = 192;
+  mc.num_hidden_layers = 4;
+  ftune::save_random_hf_model(root + "/stored", mc, 21, 0.05);
+  ftune::save_random_on_load_model(root + "/on_load", mc, 21, 0.05);
+  fs::create_directories(root + "/data");
+  std::ofstream f(root + "/data/train.jsonl");
+  for (int i = 0; i < 16; ++i) {
+    f << "{\"input_ids\": [";
+    for (int t = 0; t < 20 + i % 9; ++t) f << (t ? "," : "") << (i * 7 + t * 13) % mc.vocab_size;
+    f << "]}\n";
+  }
+}
+
+ftune::TrainConfig small_run(const std::string& root, const std::string& model, int bits) {
+  ftune::TrainConfig c;
+  c.model_name_or_path = root + "/" + model;
+  c.train_file_dir = {root + "/data"};
+  c.output_dir = root + "/out_" + model;
+  c.overwrite_output_dir = true;
+  c.device = "cuda";
+  c.learning_rate = 1e-2;
+  c.lora_rank = 4;
+  c.lora_alpha = 8;
+  c.per_device_train_batch_size = 2;
+  c.max_steps = 3;
+  c.shuffle = false;
+  c.validation_split_percentage = 25;  // the final evaluation runs forward-only passes
+  c.load_in_8bit = bits == 8;
+  c.load_in_4bit = bits == 4;
+  return c;
+}
+
+}  // namespace
+
 // The trainer hands the CUDA backend the weights as a source it reads tensor by tensor;
 // a random-on-load directory and the same weights stored in safetensors must give the same
 // device weights, hence bit-identical losses and adapters, with bf16, int8 and NF4 weights.
@@ -91,46 +135,42 @@ TEST_CASE("CUDA training on a random-on-load model equals training on it stored"
     return;
   }
   const std::string root = ftune::test::scratch("cuda_on_load");
-  ftune::ModelConfig mc = ftune::test::qwen2_tiny_config();
-  mc.hidden_size = 128;  // head_dim 64 with 2 heads: the flash kernels run
-  mc.num_attention_heads = 2;
-  mc.num_key_value_heads = 1;
-  mc.head_dim = 64;
-  mc.intermediate_size = 192;
-  ftune::save_random_hf_model(root + "/stored", mc, 21, 0.05);
-  ftune::save_random_on_load_model(root + "/on_load", mc, 21, 0.05);
-  fs::create_directories(root + "/data");
-  {
-    std::ofstream f(root + "/data/train.jsonl");
-    for (int i = 0; i < 12; ++i) {
-      f << "{\"input_ids\": [";
-      for (int t = 0; t < 20 + i % 9; ++t) f << (t ? "," : "") << (i * 7 + t * 13) % mc.vocab_size;
-      f << "]}\n";
-    }
-  }
+  write_small_run(root);
   for (int bits : {0, 8, 4}) {
     CAPTURE(bits);
-    std::vector<ftune::TrainResult> r;
-    for (const char* model : {"stored", "on_load"}) {
-      ftune::TrainConfig c;
-      c.model_name_or_path = root + "/" + model;
-      c.train_file_dir = {root + "/data"};
-      c.output_dir = root + "/out_" + model;
-      c.overwrite_output_dir = true;
-      c.device = "cuda";
-      c.learning_rate = 1e-2;
-      c.lora_rank = 4;
-      c.lora_alpha = 8;
-      c.per_device_train_batch_size = 2;
-      c.max_steps = 3;
-      c.shuffle = false;
-      c.validation_split_percentage = 0;
-      c.load_in_8bit = bits == 8;
-      c.load_in_4bit = bits == 4;
-      r.push_back(ftune::run_training(c));
-    }
-    REQUIRE(r[0].losses.size() == 3);
-    CHECK(r[0].losses == r[1].losses);
-    CHECK(r[0].adapter.params == r[1].adapter.params);
+    const ftune::TrainResult a = ftune::run_training(small_run(root, "stored", bits));
+    const ftune::TrainResult b = ftune::run_training(small_run(root, "on_load", bits));
+    REQUIRE(a.losses.size() == 3);
+    CHECK(a.losses == b.losses);
+    CHECK(a.eval_losses == b.eval_losses);
+    CHECK(a.adapter.params == b.adapter.params);
   }
+}
+
+// offload_param = "cpu" moves the same bytes through pinned memory and a side stream: the
+// results must be bit-identical to resident weights, for bf16/int8/NF4 weights, with and
+// without gradient checkpointing (different layer orders: recompute + backward per layer).
+TEST_CASE("CUDA offload_param = cpu gives bit-identical training") {
+  if (ftune::cuda::cuda_device_count() == 0) {
+    MESSAGE("skipped: no GPU");
+    return;
+  }
+  const std::string root = ftune::test::scratch("cuda_offload_param");
+  write_small_run(root);
+  for (int bits : {0, 8, 4})
+    for (bool ckpt : {true, false}) {
+      CAPTURE(bits);
+      CAPTURE(ckpt);
+      ftune::TrainConfig c = small_run(root, "stored", bits);
+      c.gradient_checkpointing = ckpt;
+      const ftune::TrainResult a = ftune::run_training(c);
+      c.offload_param = "cpu";
+      c.output_dir = root + "/out_offload";
+      const ftune::TrainResult b = ftune::run_training(c);
+      REQUIRE(a.losses.size() == 3);
+      CHECK(a.losses == b.losses);
+      CHECK(a.eval_losses == b.eval_losses);
+      CHECK(!a.eval_losses.empty());
+      CHECK(a.adapter.params == b.adapter.params);
+    }
 }

@@ -24,8 +24,6 @@ struct NotYet {
 const NotYet kNotYetSupported[] = {
     {"zero_stage", [](const TrainConfig& c) { return c.zero_stage == 3; },
      "ZeRO-3 (sharded frozen weights) is planned; use zero_stage = 0, 1 or 2"},
-    {"offload_param", [](const TrainConfig& c) { return c.offload_param != "none"; },
-     "parameter offload is planned; use offload_param = \"none\""},
     // Full fine-tuning runs on the CPU reference backend so far (the GPU path is planned).
     {"use_peft", [](const TrainConfig& c) { return !c.use_peft && c.device == "cuda"; },
      "full fine-tuning on GPUs is planned; it runs on the CPU backend: set device = \"cpu\""},

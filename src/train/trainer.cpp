@@ -58,7 +58,8 @@ std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightS
   if (uses_cuda_backend(cfg, world))
     return make_cuda_backend(source, cfg.gradient_checkpointing, cfg.flash_attn,
                              world.local_rank % cuda::cuda_device_count(),  // GPU = local rank
-                             cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0);
+                             cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0,
+                             cfg.offload_param == "cpu");
 #else
   (void)uses_cuda_backend(cfg, world);
 #endif
@@ -304,7 +305,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   validate_train_config(cfg);
   const auto t_start = Clock::now();
   if (cfg.num_threads > 0) omp_set_num_threads(cfg.num_threads);
-  Run run{cfg, comm, comm.rank() == 0, {}, {}, {}, {}, {}};
+  Run run{cfg, comm, comm.rank() == 0, {}, {}, {}, false, {}, {}, {}};
   ProgressLine progress;
   auto say = [&](const std::string& s) { if (run.root) progress.message(s); };
   TrainResult result;
@@ -483,6 +484,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       << " CPU threads per rank; "
       << run.train.size() << " examples, " << total_steps << " steps of "
       << cfg.per_device_train_batch_size << " x " << gas << " x " << world << " sequences";
+    if (cfg.offload_param == "cpu")
+      s << (run.on_cuda ? "\n[ftune] offload_param: projection weights in pinned host memory, "
+                          "copied to the GPU a layer ahead"
+                        : "\n[ftune] offload_param: no effect on the CPU backend (the weights "
+                          "are in host memory)");
     say(s.str());
   }
 

@@ -30,12 +30,15 @@ class CudaTransformer final : public TrainBackend {
   // quant_bits 8 (load_in_8bit) or 4 (load_in_4bit, NF4): the projection weights live on
   // the device quantised (kernels/cpu_quant.hpp) and each layer is dequantised to bf16 just
   // before its products (one layer's bf16 copy at a time).
+  // offload_param (offload_param = "cpu"): the projection weights (bf16 or quantised) stay
+  // in pinned host memory; each layer is copied in on a side stream while the previous one
+  // computes (two layers on the device at a time). Same values, same results.
   // The weights are read from `weights` tensor by tensor while constructing (host memory
   // holds one slice or one matrix at a time) and not used afterwards.
   CudaTransformer(const WeightSource& weights, bool gradient_checkpointing, bool flash_attn,
-                  int device = 0, int quant_bits = 0);
+                  int device = 0, int quant_bits = 0, bool offload_param = false);
   CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing, bool flash_attn,
-                  int device = 0, int quant_bits = 0);
+                  int device = 0, int quant_bits = 0, bool offload_param = false);
   ~CudaTransformer() override;
   CudaTransformer(const CudaTransformer&) = delete;
   CudaTransformer& operator=(const CudaTransformer&) = delete;
@@ -70,6 +73,7 @@ class CudaTransformer final : public TrainBackend {
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
-                                                int device, int quant_bits = 0);
+                                                int device, int quant_bits = 0,
+                                                bool offload_param = false);
 
 }  // namespace ftune

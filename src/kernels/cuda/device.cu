@@ -130,6 +130,21 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   }
   return *this;
 }
+PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
+  if (bytes) FTUNE_CUDA_CHECK(cudaHostAlloc(&p_, bytes, cudaHostAllocPortable));
+}
+PinnedBuffer::~PinnedBuffer() {
+  if (p_) FTUNE_CUDA_WARN(cudaFreeHost(p_));
+}
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+  if (this != &o) {
+    if (p_) FTUNE_CUDA_WARN(cudaFreeHost(p_));
+    p_ = std::exchange(o.p_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
 void DeviceBuffer::upload(const void* src, size_t bytes, size_t offset) {
   if (offset + bytes > bytes_) throw CudaError("DeviceBuffer::upload out of range");
   FTUNE_CUDA_CHECK(cudaDeviceSynchronize());  // no kernel on any stream still uses it

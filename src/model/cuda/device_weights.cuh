@@ -1,10 +1,12 @@
 #pragma once
-// The frozen base model on the device: every tensor of a WeightSource converted once from
-// fp32 to bf16 into one allocation, read tensor by tensor (host memory holds one slice, or
-// one projection matrix when quantising, never the model) (tied lm_head shares the embedding's copy). With quant_bits 8
-// (load_in_8bit) or 4 (load_in_4bit) the projection weights are kept quantised instead
-// (kernels/cpu_quant.hpp; w[] null, q[]/qscale[] set), and the transformer dequantises a layer
-// before using it.
+// The frozen base model for the CUDA backend, read from a WeightSource tensor by tensor (host
+// memory holds one slice, or one projection matrix when quantising, never the model):
+//   - embeddings, lm_head (tied: the embedding's copy), norms and biases: bf16 on the device;
+//   - each layer's seven projections: one "layer block" per layer, the same layout in every
+//     layer, holding bf16 matrices, or with quant_bits 8 (load_in_8bit) / 4 (load_in_4bit)
+//     their quantised form (kernels/cpu_quant.hpp), which the transformer dequantises a
+//     layer at a time. The blocks live on the device, or with offload (offload_param = "cpu")
+//     in pinned host memory, from where LayerStreamer copies them in as layers are used.
 #include <array>
 #include <vector>
 
@@ -14,12 +16,6 @@
 namespace ftune::cuda::model {
 
 struct DeviceLayer {
-  std::array<const bf16*, kNumProj> w{};  // [out, in]; null when quantised
-  // int8: q = int8 [out, in], qscale = fp32 [out].
-  // nf4: q = packed codes [out * in / 2], qabs = uint8 block absmaxes, qscale = fp32 [groups].
-  std::array<const void*, kNumProj> q{};
-  std::array<const uint8_t*, kNumProj> qabs{};
-  std::array<const float*, kNumProj> qscale{};
   std::array<const bf16*, kNumProj> b{};  // [out] or nullptr
   const bf16* input_norm = nullptr;
   const bf16* post_norm = nullptr;
@@ -27,19 +23,39 @@ struct DeviceLayer {
   const bf16* k_norm = nullptr;
 };
 
+// Byte offsets of one projection's parts inside a layer block. bf16: w = [out, in].
+// int8: q = int8 [out, in], scale = fp32 [out]. nf4: q = packed codes [out * in / 2],
+// abs = uint8 block absmaxes, scale = fp32 [groups].
+struct ProjParts {
+  size_t w = 0, q = 0, abs = 0, scale = 0;
+};
+
 class DeviceWeights {
  public:
-  DeviceWeights(const WeightSource& src, stream_t stream, int quant_bits = 0);
+  DeviceWeights(const WeightSource& src, stream_t stream, int quant_bits = 0, bool offload = false);
   int quant_bits = 0;  // 0: bf16 projections
+  bool offload = false;
   const bf16* embed = nullptr;
   const bf16* final_norm = nullptr;
   const bf16* lm_head = nullptr;
   std::vector<DeviceLayer> layers;
-  size_t bytes() const { return buf_.bytes() + q_buf_.bytes(); }
+
+  size_t layer_bytes = 0;                  // one layer block
+  std::array<ProjParts, kNumProj> parts{};  // inside every block
+  // Layer l's block: a device address, or with offload a pinned host address.
+  const char* block(int l) const { return blocks_base() + static_cast<size_t>(l) * layer_bytes; }
+  // Device bytes held (with offload the blocks are host memory: not counted).
+  size_t bytes() const { return buf_.bytes() + dev_blocks_.bytes(); }
+  size_t host_bytes() const { return host_blocks_.bytes(); }
 
  private:
-  void upload_quantised(const WeightSource& src, stream_t stream);
-  DeviceBuffer buf_, q_buf_;
+  const char* blocks_base() const {
+    return offload ? host_blocks_.as<const char>() : dev_blocks_.as<const char>();
+  }
+  void layout_blocks(const ModelConfig& c);
+  void fill_blocks(const WeightSource& src, stream_t stream);
+  DeviceBuffer buf_, dev_blocks_;
+  PinnedBuffer host_blocks_;
 };
 
 }  // namespace ftune::cuda::model

@@ -5,8 +5,8 @@
 // waits once per micro-batch, for the loss rows (the LoRA gradients stay on the device in
 // the trainer's path; the TrainBackend interface copies them out for host callers).
 // Under checkpointing the backward re-runs each layer's forward in a lighter form
-// (layer_forward's `recompute`); quantised weights are dequantised a layer at a time
-// (weight()); FTUNE_PROFILE=1 times every region (profiler.cuh).
+// (layer_forward's `recompute`); quantised weights are dequantised a layer at a time and
+// offloaded ones copied in a layer ahead (weight()); FTUNE_PROFILE=1 times every region (profiler.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +26,7 @@
 #include "ftune/kernels/cuda_ops.hpp"
 #include "ftune/model/transformer_cpu.hpp"  // rope_inv_freq (host code, ftune_model)
 #include "ftune/model/transformer_cuda.hpp"
+#include "layer_streamer.cuh"
 #include "lora_linear.cuh"
 #include "model_kernels.cuh"
 #include "profiler.cuh"
@@ -83,13 +84,15 @@ struct CudaTransformer::Impl {
   cu::DeviceBuffer dequant;
   int dequant_layer = -1;
   std::array<size_t, kNumProj> dequant_off{};
+  cm::LayerStreamer streamer;  // offload_param: layer blocks copied in from pinned memory
 
-  Impl(const WeightSource& weights, bool ckpt, bool flash_attn, int dev, int quant_bits)
+  Impl(const WeightSource& weights, bool ckpt, bool flash_attn, int dev, int quant_bits,
+       bool offload)
       : device(select_device(dev)),
         c(weights.config()),
         checkpointing(ckpt),
         flash(flash_attn && (c.head_dim == 64 || c.head_dim == 128)),
-        w(weights, stream.get(), quant_bits),
+        w(weights, stream.get(), quant_bits, offload),
         inv_freq(rope_inv_freq(c)) {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -102,28 +105,36 @@ struct CudaTransformer::Impl {
       }
       dequant = cu::DeviceBuffer(off);
     }
+    if (offload)
+      streamer = cm::LayerStreamer(w.block(0), w.layer_bytes,
+                                   static_cast<int>(c.num_hidden_layers), stream.get());
     note_memory();
   }
+
+  // Layer l's projection block as the stream will see it: resident, or streamed in.
+  const char* block(int l) { return w.offload ? streamer.acquire(l) : w.block(l); }
 
   // Projection p's bf16 weight for layer l. Quantised, the whole layer is dequantised into
   // one scratch on first use; the stream orders this after the previous layer's readers.
   const bf16* weight(int l, Proj p) {
     const int pi = static_cast<int>(p);
-    if (!w.quant_bits) return w.layers[l].w[pi];
+    if (!w.quant_bits) return reinterpret_cast<const bf16*>(block(l) + w.parts[pi].w);
     if (dequant_layer != l) {
+      const char* blk = block(l);
       Scope ps(&prof, cm::Phase::dequant, stream.get());
       for (Proj q : kAllProj) {
         const int qi = static_cast<int>(q);
-        const cm::DeviceLayer& D = w.layers[l];
-        if (!D.q[qi]) continue;
+        const cm::ProjParts& P = w.parts[qi];
         bf16* dst = reinterpret_cast<bf16*>(dequant.as<char>() + dequant_off[qi]);
         const int64_t rows = proj_out_features(c, q), cols = proj_in_features(c, q);
+        const float* scale = reinterpret_cast<const float*>(blk + P.scale);
         if (w.quant_bits == 8)
-          cu::dequantize_int8_rows(dst, static_cast<const int8_t*>(D.q[qi]), D.qscale[qi], rows,
+          cu::dequantize_int8_rows(dst, reinterpret_cast<const int8_t*>(blk + P.q), scale, rows,
                                    cols, stream.get());
         else
-          cu::dequantize_nf4(dst, static_cast<const uint8_t*>(D.q[qi]), D.qabs[qi], D.qscale[qi],
-                             rows * cols, stream.get());
+          cu::dequantize_nf4(dst, reinterpret_cast<const uint8_t*>(blk + P.q),
+                             reinterpret_cast<const uint8_t*>(blk + P.abs), scale, rows * cols,
+                             stream.get());
       }
       dequant_layer = l;
     }
@@ -132,7 +143,7 @@ struct CudaTransformer::Impl {
 
   // Bytes this backend holds now; cuBLASLt's workspace counted at its fixed size.
   void note_memory() {
-    const size_t now = w.bytes() + dequant.bytes() + rope_cos.bytes() + rope_sin.bytes() + arena.bytes() +
+    const size_t now = w.bytes() + dequant.bytes() + streamer.bytes() + rope_cos.bytes() + rope_sin.bytes() + arena.bytes() +
                        p32.bytes() + p16.bytes() + g32.bytes() + cu::Gemm::kDefaultWorkspace;
     peak = std::max(peak, now);
   }
@@ -417,13 +428,13 @@ struct CudaTransformer::Impl {
 };
 
 CudaTransformer::CudaTransformer(const WeightSource& weights, bool gradient_checkpointing,
-                                 bool flash_attn, int device, int quant_bits)
+                                 bool flash_attn, int device, int quant_bits, bool offload_param)
     : impl_(std::make_unique<Impl>(weights, gradient_checkpointing, flash_attn, device,
-                                   quant_bits)) {}
+                                   quant_bits, offload_param)) {}
 CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing,
-                                 bool flash_attn, int device, int quant_bits)
+                                 bool flash_attn, int device, int quant_bits, bool offload_param)
     : CudaTransformer(InMemoryWeightSource(weights), gradient_checkpointing, flash_attn, device,
-                      quant_bits) {}
+                      quant_bits, offload_param) {}
 CudaTransformer::~CudaTransformer() = default;
 
 std::string CudaTransformer::name() const { return impl_->dev_name; }
@@ -498,9 +509,9 @@ LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& a
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
-                                                int device, int quant_bits) {
+                                                int device, int quant_bits, bool offload_param) {
   return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device,
-                                           quant_bits);
+                                           quant_bits, offload_param);
 }
 
 }  // namespace ftune
