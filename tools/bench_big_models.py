@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """The largest model that trains: ftune LoRA (r8 alpha 16 dropout 0.05, all linear layers, bf16
 activations, AdamW, seq 2048, batch 1, gradient checkpointing on) on one GPU, per model shape x
-weight mode (bf16, int8 = load_in_8bit, nf4 = load_in_4bit). Models are random-on-load
+weight mode (bf16, int8 = load_in_8bit, nf4 = load_in_4bit; "+offload" adds offload_param = cpu);
+a case is shape:mode[:batch]. Models are random-on-load
 directories (`ftune init-model --weights on_load`): a 70B model is 140 GB in bf16, more than the
 GPU machine's disk, so ftune makes the weights (the counter-based fast init) while loading.
 
-  tools/bench_big_models.py --ftune build/ftune --out DIR [--cases 8b:bf16,70b:nf4,...]
+  tools/bench_big_models.py --ftune build/ftune --out DIR [--cases 8b:bf16,70b:nf4,8b:bf16+offload:4,...]
         [--steps 4 --warmup 1] [--work DIR] [--timeout 500]
 
 Prints a table, writes DIR/big_models.md and DIR/big_models.json (commands, logs' tails, every
 step's metrics). tokens/s: mean over the steps after the warm-up ones; peak: ftune's
-peak_gpu_mem_gib (all device memory it allocated); setup: wall time before the first step
-(weights made, quantised and copied to the GPU).
+peak_gpu_mem_gib (all device memory it allocated); setup: metrics' elapsed_s at step 1 less
+that step's own time (weights made, quantised and copied; data loaded).
 """
 import argparse, json, os, random, shlex, subprocess, sys, time
 
@@ -21,6 +22,8 @@ SHAPES = {  # Llama-3-8B, Llama-3-70B (and tiny, to try the tool on a CPU)
     "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=512, tied=True),
 }
 MODES = {"bf16": [], "int8": ["--load_in_8bit", "true"], "nf4": ["--load_in_4bit", "true"]}
+for _m in list(MODES):  # "+offload": offload_param = "cpu" (projections in pinned host memory)
+    MODES[_m + "+offload"] = MODES[_m] + ["--offload_param", "cpu"]
 SEQ = 2048
 
 
@@ -36,10 +39,11 @@ def flops_per_token(s):  # as tools/bench_train.py: 4P + 6 L seq q_dim
     return 4 * p + 6 * L * SEQ * s["heads"] * hd
 
 
-def run_case(a, shape, mode):
+def run_case(a, shape, mode, batch):
     s = SHAPES[shape]
     model, data = os.path.join(a.work, "onload_" + shape), os.path.join(a.work, f"data_{shape}_big.jsonl")
-    odir, log = os.path.join(a.work, f"big_{shape}_{mode}"), os.path.join(a.out, f"big_{shape}_{mode}.log")
+    tag = f"{shape}_{mode.replace('+', '_')}_b{batch}"
+    odir, log = os.path.join(a.work, "big_" + tag), os.path.join(a.out, f"big_{tag}.log")
     if not os.path.exists(os.path.join(model, "config.json")):
         init = [a.ftune, "init-model", "--output", model, "--weights", "on_load",
                 "--hidden_size", str(s["hidden"]), "--num_hidden_layers", str(s["layers"]),
@@ -51,10 +55,10 @@ def run_case(a, shape, mode):
     if not os.path.exists(data):
         r = random.Random(0)
         with open(data, "w") as f:
-            for _ in range(a.warmup + a.steps + 4):
+            for _ in range(8 * (a.warmup + a.steps + 4)):
                 f.write(json.dumps({"input_ids": [r.randrange(s["vocab"]) for _ in range(SEQ)]}) + "\n")
     cmd = [a.ftune, "train", "--model_name_or_path", model, "--train_file_dir", data, "--output_dir", odir,
-           "--overwrite_output_dir", "true", "--device", a.device, "--per_device_train_batch_size", "1",
+           "--overwrite_output_dir", "true", "--device", a.device, "--per_device_train_batch_size", str(batch),
            "--gradient_accumulation_steps", "1", "--max_steps", str(a.warmup + a.steps),
            "--gradient_checkpointing", "true", "--lora_rank", "8", "--lora_alpha", "16",
            "--lora_dropout", "0.05", "--learning_rate", "2e-5", "--logging_steps", "1",
@@ -69,7 +73,7 @@ def run_case(a, shape, mode):
             rc = 124
     wall = time.time() - t0
     lines = open(log, errors="replace").read().splitlines()
-    res = dict(shape=shape, mode=mode, params=params(s), cmd=shlex.join(cmd), rc=rc, wall_s=wall,
+    res = dict(shape=shape, mode=mode, batch=batch, params=params(s), cmd=shlex.join(cmd), rc=rc, wall_s=wall,
                log_tail=lines[-15:])
     mfile = os.path.join(odir, "metrics.jsonl")
     rows = [json.loads(l) for l in open(mfile) if '"tokens_per_s"' in l] if rc == 0 and os.path.exists(mfile) else []
@@ -80,21 +84,21 @@ def run_case(a, shape, mode):
     tps = sum(r["tokens_per_s"] for r in timed) / len(timed)
     peaks = [r["peak_gpu_mem_gib"] for r in rows if r.get("peak_gpu_mem_gib") is not None]
     return dict(res, tokens_per_s=tps, peak_gib=max(peaks) if peaks else None, steps=rows,
-                setup_s=wall - rows[-1]["elapsed_s"], mfu=tps * flops_per_token(s) / (a.peak_tflops * 1e12),
+                setup_s=rows[0]["elapsed_s"] - rows[0]["tokens"] / rows[0]["tokens_per_s"], mfu=tps * flops_per_token(s) / (a.peak_tflops * 1e12),
                 final_loss=rows[-1]["loss"])
 
 
 def table(results, gpu):
     out = [f"GPU: {gpu}; 1 GPU; LoRA r8 all linear, batch 1, seq {SEQ}, checkpointing on; "
            f"MFU = tokens/s x (4P + 6 L seq q_dim) / peak", "",
-           "| shape | params | weights | tokens/s | peak GiB | MFU | setup s | status |",
-           "|---|---:|---|---:|---:|---:|---:|---|"]
+           "| shape | params | weights | batch | tokens/s | peak GiB | MFU | setup s | status |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if "error" in r:
-            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} |  |  |  |  | {r['error']} |")
+            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} | {r['batch']} |  |  |  |  | {r['error']} |")
         else:
             peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
-            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} | {r['tokens_per_s']:,.0f} | "
+            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
                        f"{peak} | {100 * r['mfu']:.1f}% | {r['setup_s']:.0f} | trains |")
     return "\n".join(out)
 
@@ -120,8 +124,8 @@ def main():
         gpu = "none (CPU)"
     results = []
     for case in a.cases.split(","):
-        shape, mode = case.split(":")
-        results.append(run_case(a, shape, mode))
+        shape, mode, *rest = case.split(":")
+        results.append(run_case(a, shape, mode, int(rest[0]) if rest else 1))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("steps", "log_tail", "cmd")}), flush=True)
         json.dump(dict(gpu=gpu, results=results), open(os.path.join(a.out, "big_models.json"), "w"), indent=1)
     md = table(results, gpu)
