@@ -24,9 +24,6 @@ struct NotYet {
 const NotYet kNotYetSupported[] = {
     {"zero_stage", [](const TrainConfig& c) { return c.zero_stage == 3; },
      "ZeRO-3 (sharded frozen weights) is planned; use zero_stage = 0, 1 or 2"},
-    // Full fine-tuning runs on the CPU reference backend so far (the GPU path is planned).
-    {"use_peft", [](const TrainConfig& c) { return !c.use_peft && c.device == "cuda"; },
-     "full fine-tuning on GPUs is planned; it runs on the CPU backend: set device = \"cpu\""},
     {"use_peft", [](const TrainConfig& c) {
        return !c.use_peft && (c.load_in_8bit || c.load_in_4bit); },
      "full fine-tuning of quantised base weights is not planned (QLoRA trains adapters): "

@@ -14,7 +14,9 @@
 #if FTUNE_HAVE_CUDA
 
 #include <algorithm>
+#include <span>
 #include <stdexcept>
+#include <vector>
 
 #include "ftune/dist/nccl.hpp"
 #include "ftune/kernels/cuda_device.hpp"
@@ -90,8 +92,22 @@ class CudaStepRunner final : public StepRunner {
     ++step_count_;
     const cu::AdamWScalars k = cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2,
                                                  hyper_.eps, hyper_.weight_decay);
-    cu::adamw_step(master_.as<float>() + owned_.begin, g_owned, m_.as<float>(), v_.as<float>(),
-                   static_cast<int64_t>(owned_.size()), k, scale, s);
+    if (decay_runs_.empty()) {
+      cu::adamw_step(master_.as<float>() + owned_.begin, g_owned, m_.as<float>(), v_.as<float>(),
+                     static_cast<int64_t>(owned_.size()), k, scale, s);
+    } else {
+      // Full fine-tuning's exemptions (biases, norms): one launch per run of equal decay
+      // within the owned range, the exempt runs with weight_decay 0.
+      const cu::AdamWScalars k0 =
+          cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2, hyper_.eps, 0.0);
+      for (const DecayRun& d : decay_runs_) {
+        const size_t b = std::max(d.begin, owned_.begin), e = std::min(d.end, owned_.end);
+        if (b >= e) continue;
+        const size_t o = b - owned_.begin;
+        cu::adamw_step(master_.as<float>() + b, g + b, m_.as<float>() + o, v_.as<float>() + o,
+                       static_cast<int64_t>(e - b), d.decays ? k : k0, scale, s);
+      }
+    }
     if (stage_ > 0 && nccl_) {
       float* p = master_.as<float>();
       nccl_->all_gather(p + r * chunk_, p, chunk_, s);
@@ -115,6 +131,18 @@ class CudaStepRunner final : public StepRunner {
     cu::copy_to_device_async(master_.get(), a.params.data(), n_ * sizeof(float), s);
     cu::to_bf16(params16_.as<cu::bf16>(), master_.as<float>(), static_cast<int64_t>(n_), s);
     cu::synchronize(s);
+  }
+
+  void set_decay_mask(std::span<const uint8_t> decays) override {
+    if (decays.size() != n_)
+      throw std::runtime_error("CudaStepRunner: decay mask size differs from the parameters");
+    decay_runs_.clear();
+    for (size_t i = 0; i < n_;) {
+      size_t j = i;
+      while (j < n_ && (decays[j] != 0) == (decays[i] != 0)) ++j;
+      decay_runs_.push_back({i, j, decays[i] != 0});
+      i = j;
+    }
   }
 
   ShardRange owned() const override { return owned_; }
@@ -163,6 +191,11 @@ class CudaStepRunner final : public StepRunner {
   std::unique_ptr<NcclCommunicator> nccl_;
   cu::DeviceBuffer master_, params16_, grads_, m_, v_, scalars_, reduce_ws_;
   int64_t step_count_ = 0;
+  struct DecayRun {
+    size_t begin, end;
+    bool decays;
+  };
+  std::vector<DecayRun> decay_runs_;  // empty: every parameter decays
 };
 
 }  // namespace

@@ -70,6 +70,21 @@ std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightS
 
 namespace {
 
+// use_peft = false on a GPU: the CUDA backend reads the model from the step runner's
+// parameter copy (the adapter holds the whole model), so it is built from the config alone.
+std::unique_ptr<TrainBackend> make_full_finetune_cuda_backend(const TrainConfig& cfg,
+                                                              const ModelConfig& mc,
+                                                              const WorldInfo& world) {
+#if FTUNE_HAVE_CUDA
+  return std::make_unique<CudaTransformer>(mc, cfg.gradient_checkpointing, cfg.flash_attn,
+                                           world.local_rank % cuda::cuda_device_count(),
+                                           CudaTransformer::FullFineTuning{});
+#else
+  (void)cfg, (void)mc, (void)world;
+  throw std::logic_error("full fine-tuning on CUDA in a build without CUDA");
+#endif
+}
+
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) {
@@ -333,8 +348,9 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     run.source = open_base_weights(cfg.model_name_or_path, run.mc);
     // The CUDA backend converts (and quantises) the weights tensor by tensor as it reads
     // them; host memory never holds the fp32 model. The CPU backend computes with it.
-    run.on_cuda = cfg.use_peft && uses_cuda_backend(cfg, run.comm.world());
-    if (!run.on_cuda) {
+    run.on_cuda = uses_cuda_backend(cfg, run.comm.world());
+    // Full fine-tuning trains (and saves) the whole model from its host copy.
+    if (!run.on_cuda || !cfg.use_peft) {
       run.weights = materialize(*run.source);
       // load_in_8bit / 4bit: the CPU trains on the round trip of the projections (the CUDA
       // backend quantises the originals: quantising the round trip gives the same codes).
@@ -393,17 +409,10 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   std::unique_ptr<TrainBackend> backend;
   if (cfg.use_peft)
     backend = make_backend(cfg, *run.source, run.on_cuda ? nullptr : &run.weights, comm.world());
-  else {
-    // Validation refused device = "cuda". "auto" on a GPU host would silently train a model
-    // meant for a GPU on the CPU (fp32, five copies of the weights): refuse instead.
-#if FTUNE_HAVE_CUDA
-    if (cfg.device == "auto" && cuda::cuda_device_count() > 0)
-      throw std::runtime_error("use_peft = false: full fine-tuning runs on the CPU backend only "
-                               "so far, and device = \"auto\" found a GPU; set device = \"cpu\" "
-                               "to run it on the CPU");
-#endif
+  else if (run.on_cuda)
+    backend = make_full_finetune_cuda_backend(cfg, run.mc, comm.world());
+  else
     backend = std::make_unique<FullFineTuneBackend>(run.weights, cfg.gradient_checkpointing);
-  }
   std::unique_ptr<StepRunner> runner;
   on_all_ranks(comm, [&] {
     runner = make_step_runner(*backend, adapter, cfg.zero_stage, comm,
@@ -485,10 +494,12 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       << run.train.size() << " examples, " << total_steps << " steps of "
       << cfg.per_device_train_batch_size << " x " << gas << " x " << world << " sequences";
     if (cfg.offload_param == "cpu")
-      s << (run.on_cuda ? "\n[ftune] offload_param: projection weights in pinned host memory, "
-                          "copied to the GPU a layer ahead"
-                        : "\n[ftune] offload_param: no effect on the CPU backend (the weights "
-                          "are in host memory)");
+      s << (!run.on_cuda ? "\n[ftune] offload_param: no effect on the CPU backend (the weights "
+                           "are in host memory)"
+            : !cfg.use_peft ? "\n[ftune] offload_param: no effect with full fine-tuning (the "
+                              "weights are the trained parameters; offload_optimizer moves them)"
+                            : "\n[ftune] offload_param: projection weights in pinned host "
+                              "memory, copied to the GPU a layer ahead");
     say(s.str());
   }
 

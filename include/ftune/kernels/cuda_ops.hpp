@@ -26,6 +26,19 @@ void rms_norm_backward(bf16* dx, const bf16* dy, const bf16* x, const bf16* w,
                        const float* rstd, int64_t N, int64_t D, bool accumulate,
                        stream_t stream);
 
+// Full fine-tuning's extra gradients (src/kernels/cuda/full_grads.cu), fp32, added into the
+// output, summed in a fixed order (bit-reproducible). ws: column_grad_workspace_floats(N, D).
+// dw[D] += sum_n dy[n, :] * (x[n, :] * rstd[n])  (twin: cpu::rms_norm_weight_backward)
+// db[D] += sum_n dy[n, :]                        (a bias's gradient)
+// dtable[uniq[u], :] += sum_{j in [start[u], start[u+1])} dy[order[j], :] for u < U: the
+// embedding's gradient, rows grouped by token id on the host (uniq distinct).
+int64_t column_grad_workspace_floats(int64_t N, int64_t D);
+void rms_norm_weight_backward(float* dw, const bf16* dy, const bf16* x, const float* rstd,
+                              int64_t N, int64_t D, float* ws, stream_t stream);
+void bias_backward(float* db, const bf16* dy, int64_t N, int64_t D, float* ws, stream_t stream);
+void embedding_backward(float* dtable, const bf16* dy, const int32_t* uniq, const int32_t* start,
+                        const int32_t* order, int64_t U, int64_t D, stream_t stream);
+
 // Rotary embedding in place on x[N, heads, head_dim] (HF rotate_half); cos/sin are fp32
 // [positions, head_dim/2] (llama3 scaling lives in the caller's inv_freq); positions[N].
 // Backward applies the inverse rotation to the gradient, also in place.

@@ -39,6 +39,15 @@ class CudaTransformer final : public TrainBackend {
                   int device = 0, int quant_bits = 0, bool offload_param = false);
   CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing, bool flash_attn,
                   int device = 0, int quant_bits = 0, bool offload_param = false);
+  // Full fine-tuning (use_peft = false): the "adapter" is the whole model
+  // (full_model_as_adapter: no LoRA slots, params in BaseWeights::layout order). The backend
+  // holds no weights: every call reads them from the bf16 parameter copy it is given
+  // (params16, or the uploaded adapter on the TrainBackend path) and adds the gradient of
+  // every weight (embeddings, norms, projections, biases, lm_head; tied once) into grads.
+  struct FullFineTuning {};
+  CudaTransformer(const ModelConfig& config, bool gradient_checkpointing, bool flash_attn,
+                  int device, FullFineTuning);
+  bool full_finetuning() const;
   ~CudaTransformer() override;
   CudaTransformer(const CudaTransformer&) = delete;
   CudaTransformer& operator=(const CudaTransformer&) = delete;
@@ -48,7 +57,8 @@ class CudaTransformer final : public TrainBackend {
                            float loss_scale, uint64_t dropout_seed) override;
   LossSum forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) override;
 
-  // Device-resident variants. params16: bf16 copy of the adapter's parameters on this GPU,
+  // Device-resident variants (LoRA, or full fine-tuning when constructed for it).
+  // params16: bf16 copy of the adapter's parameters on this GPU,
   // in `layout`'s order (layout.params is not read); grads32 (fp32, same order) is added
   // to, not overwritten, so micro-batches accumulate. Work runs on stream(); the call
   // returns after that stream synchronized (the loss is known), so the accumulator is

@@ -33,6 +33,8 @@ struct ProjParts {
 class DeviceWeights {
  public:
   DeviceWeights(const WeightSource& src, stream_t stream, int quant_bits = 0, bool offload = false);
+  // Holds nothing: full fine-tuning points the views into the trainer's bf16 parameter copy.
+  explicit DeviceWeights(const ModelConfig& c) : layers(c.num_hidden_layers) {}
   int quant_bits = 0;  // 0: bf16 projections
   bool offload = false;
   const bf16* embed = nullptr;

@@ -12,7 +12,8 @@ const char* phase_name(int p) {
                                 "attention fwd",    "attention bwd",    "base GEMM fwd",
                                 "base GEMM bwd",    "LoRA fwd",         "LoRA bwd",
                                 "LoRA dropout",     "swiglu/residual",  "head (lm_head+CE)",
-                                "dequantise",       "recompute (total)"};
+                                "dequantise",       "full FT weight grads",
+                                "recompute (total)"};
   return names[p];
 }
 }  // namespace

@@ -15,7 +15,7 @@ namespace ftune::cuda::model {
 
 enum class Phase {
   embed, norm, rope, attention_fwd, attention_bwd, base_gemm_fwd, base_gemm_bwd, lora_fwd,
-  lora_bwd, dropout, elementwise, head, dequant, recompute_total, kCount
+  lora_bwd, dropout, elementwise, head, dequant, full_grads, recompute_total, kCount
 };
 
 class PhaseProfiler {

@@ -86,6 +86,97 @@ struct CudaTransformer::Impl {
   std::array<size_t, kNumProj> dequant_off{};
   cm::LayerStreamer streamer;  // offload_param: layer blocks copied in from pinned memory
 
+  // Full fine-tuning (use_peft = false): the weights are the trainer's parameter vector
+  // (BaseWeights::layout order); bind_full points the views at its bf16 copy each call and
+  // gfull (its fp32 gradient) receives every weight's gradient.
+  bool full = false;
+  std::vector<BaseWeights::Entry> entries;         // full: the layout
+  std::vector<std::array<size_t, kNumProj>> w_off;  // full: offsets of projection weights
+  std::vector<std::array<size_t, kNumProj>> b_off;  //        and biases (SIZE_MAX: none)
+  struct NormOff { size_t input = 0, post = 0, q = 0, k = 0; };
+  std::vector<NormOff> norm_off;
+  size_t embed_off = 0, final_norm_off = 0, lm_head_off = 0;
+  std::vector<std::array<const bf16*, kNumProj>> full_w;
+  float* gfull = nullptr;
+  cu::DeviceBuffer colgrad_ws, emb_uniq, emb_start, emb_order;
+  int64_t emb_unique = 0;
+
+  // Full fine-tuning: no weights of its own (the step runner's bf16 copy is read).
+  Impl(const ModelConfig& cfg, bool ckpt, bool flash_attn, int dev)
+      : device(select_device(dev)),
+        c(cfg),
+        checkpointing(ckpt),
+        flash(flash_attn && (c.head_dim == 64 || c.head_dim == 128)),
+        w(cfg),
+        inv_freq(rope_inv_freq(c)) {
+    cudaDeviceProp prop{};
+    FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ", full fine-tuning)";
+    full = true;
+    entries = BaseWeights::layout(c);
+    const size_t none = SIZE_MAX;
+    w_off.assign(c.num_hidden_layers, {});
+    b_off.assign(c.num_hidden_layers, {});
+    for (auto& b : b_off) b.fill(none);
+    norm_off.assign(c.num_hidden_layers, {});
+    full_w.assign(c.num_hidden_layers, {});
+    lm_head_off = none;
+    using K = BaseWeights::Kind;
+    for (const auto& e : entries) {
+      const int pi = static_cast<int>(e.proj);
+      switch (e.kind) {
+        case K::embed: embed_off = e.offset; break;
+        case K::final_norm: final_norm_off = e.offset; break;
+        case K::lm_head: lm_head_off = e.offset; break;
+        case K::input_norm: norm_off[e.layer].input = e.offset; break;
+        case K::post_norm: norm_off[e.layer].post = e.offset; break;
+        case K::q_norm: norm_off[e.layer].q = e.offset; break;
+        case K::k_norm: norm_off[e.layer].k = e.offset; break;
+        case K::proj_weight: w_off[e.layer][pi] = e.offset; break;
+        case K::proj_bias: b_off[e.layer][pi] = e.offset; break;
+      }
+    }
+    if (lm_head_off == none) lm_head_off = embed_off;  // tied: one tensor, one gradient
+    note_memory();
+  }
+
+  void bind_full(const bf16* p16, float* g32) {
+    w.embed = p16 + embed_off;
+    w.final_norm = p16 + final_norm_off;
+    w.lm_head = p16 + lm_head_off;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      cm::DeviceLayer& L = w.layers[l];
+      L.input_norm = p16 + norm_off[l].input;
+      L.post_norm = p16 + norm_off[l].post;
+      L.q_norm = c.qk_norm ? p16 + norm_off[l].q : nullptr;
+      L.k_norm = c.qk_norm ? p16 + norm_off[l].k : nullptr;
+      for (Proj p : kAllProj) {
+        const int pi = static_cast<int>(p);
+        full_w[l][pi] = p16 + w_off[l][pi];
+        L.b[pi] = b_off[l][pi] == SIZE_MAX ? nullptr : p16 + b_off[l][pi];
+      }
+    }
+    gfull = g32;
+  }
+
+  // Full fine-tuning: dW [out, in] += dy^T x and db += column sums of dy, before the input
+  // gradient (which may overwrite x).
+  void full_weight_grad(int l, Proj p, const bf16* dy, const bf16* x) {
+    const int pi = static_cast<int>(p);
+    Scope ps(&prof, cm::Phase::full_grads, stream.get());
+    gemm.matmul(cu::GemmOp::TN, gfull + w_off[l][pi], dy, x, proj_out_features(c, p),
+                proj_in_features(c, p), dims.N, 1.f, 1.f, stream.get());
+    if (b_off[l][pi] != SIZE_MAX)
+      cu::bias_backward(gfull + b_off[l][pi], dy, dims.N, proj_out_features(c, p),
+                        colgrad_ws.as<float>(), stream.get());
+  }
+  void norm_weight_grad(size_t off, const bf16* dy, const bf16* x, const float* rstd,
+                        int64_t rows, int64_t cols) {
+    Scope ps(&prof, cm::Phase::full_grads, stream.get());
+    cu::rms_norm_weight_backward(gfull + off, dy, x, rstd, rows, cols, colgrad_ws.as<float>(),
+                                 stream.get());
+  }
+
   Impl(const WeightSource& weights, bool ckpt, bool flash_attn, int dev, int quant_bits,
        bool offload)
       : device(select_device(dev)),
@@ -118,6 +209,7 @@ struct CudaTransformer::Impl {
   // one scratch on first use; the stream orders this after the previous layer's readers.
   const bf16* weight(int l, Proj p) {
     const int pi = static_cast<int>(p);
+    if (full) return full_w[l][pi];
     if (!w.quant_bits) return reinterpret_cast<const bf16*>(block(l) + w.parts[pi].w);
     if (dequant_layer != l) {
       const char* blk = block(l);
@@ -143,7 +235,8 @@ struct CudaTransformer::Impl {
 
   // Bytes this backend holds now; cuBLASLt's workspace counted at its fixed size.
   void note_memory() {
-    const size_t now = w.bytes() + dequant.bytes() + streamer.bytes() + rope_cos.bytes() + rope_sin.bytes() + arena.bytes() +
+    const size_t now = w.bytes() + dequant.bytes() + streamer.bytes() + colgrad_ws.bytes() +
+                       emb_uniq.bytes() + emb_start.bytes() + emb_order.bytes() + rope_cos.bytes() + rope_sin.bytes() + arena.bytes() +
                        p32.bytes() + p16.bytes() + g32.bytes() + cu::Gemm::kDefaultWorkspace;
     peak = std::max(peak, now);
   }
@@ -209,6 +302,7 @@ struct CudaTransformer::Impl {
     cm::Carver real(arena.as<char>());
     cm::carve(real, b, c, dims, checkpointing);
 
+    if (full) prepare_full(mb);
     note_memory();
 
     const cu::stream_t s = stream.get();
@@ -217,6 +311,35 @@ struct CudaTransformer::Impl {
     cm::h2d(b.seq_start, mb.seq_start.data(), (dims.S + 1) * sizeof(int64_t), s);
     cm::h2d(b.rows, rows.data(), dims.R * sizeof(int32_t), s);
     cm::h2d(b.row_targets, targets.data(), dims.R * sizeof(int32_t), s);
+  }
+
+  // Full fine-tuning: the embedding gradient's rows grouped by token (uniq, start, order),
+  // and the column-gradient workspace for this batch's largest row count.
+  void prepare_full(const MicroBatch& mb) {
+    const int64_t N = mb.num_tokens();
+    std::vector<int32_t> order(N);
+    for (int64_t n = 0; n < N; ++n) order[n] = static_cast<int32_t>(n);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return mb.tokens[a] < mb.tokens[b]; });
+    std::vector<int32_t> uniq, start;
+    for (int64_t j = 0; j < N; ++j)
+      if (j == 0 || mb.tokens[order[j]] != mb.tokens[order[j - 1]]) {
+        uniq.push_back(mb.tokens[order[j]]);
+        start.push_back(static_cast<int32_t>(j));
+      }
+    start.push_back(static_cast<int32_t>(N));
+    emb_unique = static_cast<int64_t>(uniq.size());
+    grow(emb_uniq, uniq.size() * sizeof(int32_t));
+    grow(emb_start, start.size() * sizeof(int32_t));
+    grow(emb_order, order.size() * sizeof(int32_t));
+    const int64_t ws = std::max({cu::column_grad_workspace_floats(N, c.hidden_size),
+                                 cu::column_grad_workspace_floats(N * c.num_attention_heads, c.head_dim),
+                                 cu::column_grad_workspace_floats(N, c.num_attention_heads * c.head_dim)});
+    grow(colgrad_ws, static_cast<size_t>(ws) * sizeof(float));
+    const cu::stream_t s = stream.get();
+    cm::h2d(emb_uniq.get(), uniq.data(), uniq.size() * sizeof(int32_t), s);
+    cm::h2d(emb_start.get(), start.data(), start.size() * sizeof(int32_t), s);
+    cm::h2d(emb_order.get(), order.data(), order.size() * sizeof(int32_t), s);
   }
 
   // The host-API path: the fp32 adapter crosses PCIe each micro-batch (the trainer's
@@ -244,6 +367,7 @@ struct CudaTransformer::Impl {
   }
   void lin_bwd(int l, Proj p, const cm::LoraCtx& lc, bf16* dx, bool acc, const bf16* dy,
                const bf16* x) {
+    if (gfull) full_weight_grad(l, p, dy, x);
     cm::linear_backward(op(l, p, lc), lc, dx, acc, dy, x, acts_for(l).u[static_cast<int>(p)]);
   }
 
@@ -347,6 +471,7 @@ struct CudaTransformer::Impl {
     lin_bwd(l, Proj::gate, lc, b.dxn, false, dgate, A.xn2);
     lin_bwd(l, Proj::up, lc, b.dxn, true, dup, A.xn2);
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_backward(b.dx, b.dxn, A.x_mid, L.post_norm, A.rstd2, N, H, true, s); }
+    if (gfull) norm_weight_grad(norm_off[l].post, b.dxn, A.x_mid, A.rstd2, N, H);
 
     // Attention: x_mid = x + o(attn(rope(q), rope(k), v))
     lin_bwd(l, Proj::o, lc, b.datt, false, b.dx, A.att);
@@ -372,14 +497,21 @@ struct CudaTransformer::Impl {
       Scope ps(&prof, Phase::norm, s);
       cu::rms_norm_backward(b.dq_pre, b.dq, A.q_pre, L.q_norm, A.rstd_q, N * Hq, d, false, s);
       cu::rms_norm_backward(b.dk_pre, b.dk, A.k_pre, L.k_norm, A.rstd_k, N * Hkv, d, false, s);
+      if (gfull) {
+        norm_weight_grad(norm_off[l].q, b.dq, A.q_pre, A.rstd_q, N * Hq, d);
+        norm_weight_grad(norm_off[l].k, b.dk, A.k_pre, A.rstd_k, N * Hkv, d);
+      }
       dq = b.dq_pre;
       dk = b.dk_pre;
     }
     lin_bwd(l, Proj::q, lc, b.dxn, false, dq, A.xn1);
     lin_bwd(l, Proj::k, lc, b.dxn, true, dk, A.xn1);
     lin_bwd(l, Proj::v, lc, b.dxn, true, b.dv, A.xn1);
-    Scope ps(&prof, Phase::norm, s);
-    cu::rms_norm_backward(b.dx, b.dxn, b.resid[l], L.input_norm, A.rstd1, N, H, true, s);
+    {
+      Scope ps(&prof, Phase::norm, s);
+      cu::rms_norm_backward(b.dx, b.dxn, b.resid[l], L.input_norm, A.rstd1, N, H, true, s);
+    }
+    if (gfull) norm_weight_grad(norm_off[l].input, b.dxn, b.resid[l], A.rstd1, N, H);
   }
 
   // Final norm, lm_head and cross-entropy over the rows that carry a label, in chunks
@@ -401,11 +533,16 @@ struct CudaTransformer::Impl {
       cu::cross_entropy_forward_backward(b.logits, b.row_loss + r0, b.logits,
                                          b.row_targets + r0, m, V, loss_scale, s);
       if (!want_grad) continue;
+      // Full fine-tuning: d lm_head [V, H] += dlogits^T xc (tied: the embedding's gradient).
+      if (gfull) gemm.matmul(cu::GemmOp::TN, gfull + lm_head_off, b.logits, b.xc, V, H, m, 1.f, 1.f, s);
       gemm.matmul(cu::GemmOp::NN, b.dxc, b.logits, w.lm_head, m, H, V, 1.f, 0.f, s);
       cm::scatter_rows(b.dxf, b.dxc, b.rows + r0, m, H, s);
     }
     if (want_grad)
       cu::rms_norm_backward(b.dx, b.dxf, xl, w.final_norm, b.rstd_f, N, H, false, s);
+    if (want_grad && gfull)
+      cu::rms_norm_weight_backward(gfull + final_norm_off, b.dxf, xl, b.rstd_f, N, H,
+                                   colgrad_ws.as<float>(), s);
   }
 
   // Waits for the stream; returns the loss (summed in double on the host, in row order).
@@ -435,6 +572,9 @@ CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_check
                                  bool flash_attn, int device, int quant_bits, bool offload_param)
     : CudaTransformer(InMemoryWeightSource(weights), gradient_checkpointing, flash_attn, device,
                       quant_bits, offload_param) {}
+CudaTransformer::CudaTransformer(const ModelConfig& config, bool gradient_checkpointing,
+                                 bool flash_attn, int device, FullFineTuning)
+    : impl_(std::make_unique<Impl>(config, gradient_checkpointing, flash_attn, device)) {}
 CudaTransformer::~CudaTransformer() = default;
 
 std::string CudaTransformer::name() const { return impl_->dev_name; }
@@ -451,6 +591,7 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
   if (mb.num_tokens() == 0) return {};
   cm::use_device(m.device);
   m.prepare(mb, layout);
+  if (m.full) m.bind_full(params16, grads32);
   const cm::LoraCtx lc{&layout, params16, grads32, layout.spec.dropout, dropout_seed};
   const int L = static_cast<int>(m.c.num_hidden_layers);
   m.embed();
@@ -464,6 +605,12 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
     }
     m.layer_backward(l, lc);
   }
+  if (m.full) {  // b.dx = dLoss/d(embedding output): the rows go back to their tokens
+    Scope ps(&m.prof, cm::Phase::full_grads, m.stream.get());
+    cu::embedding_backward(grads32 + m.embed_off, m.b.dx, m.emb_uniq.as<int32_t>(),
+                           m.emb_start.as<int32_t>(), m.emb_order.as<int32_t>(), m.emb_unique,
+                           m.c.hidden_size, m.stream.get());
+  }
   m.prof.count_micro_step();
   return m.finish_loss();  // synchronizes the stream
 }
@@ -474,6 +621,7 @@ LossSum CudaTransformer::forward_loss_on_device(const MicroBatch& mb, const Lora
   if (mb.num_tokens() == 0) return {};
   cm::use_device(m.device);
   m.prepare(mb, layout);
+  if (m.full) m.bind_full(params16, nullptr);
   const cm::LoraCtx lc{&layout, params16, nullptr, 0.0, 0};
   m.embed();
   for (int l = 0; l < static_cast<int>(m.c.num_hidden_layers); ++l) m.layer_forward(l, lc);
@@ -506,6 +654,8 @@ LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& a
   m.upload_adapter(adapter, false);
   return forward_loss_on_device(mb, adapter, m.p16.as<bf16>());
 }
+
+bool CudaTransformer::full_finetuning() const { return impl_->full; }
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
