@@ -17,12 +17,14 @@ that step's own time (weights made, quantised and copied; data loaded).
 import argparse, json, os, random, shlex, subprocess, sys, time
 
 SHAPES = {  # Llama-3-8B, Llama-3-70B (and tiny, to try the tool on a CPU)
+    "1b": dict(hidden=2048, layers=16, heads=32, kv=8, inter=8192, vocab=128256, tied=True),
     "8b": dict(hidden=4096, layers=32, heads=32, kv=8, inter=14336, vocab=128256, tied=False),
     "70b": dict(hidden=8192, layers=80, heads=64, kv=8, inter=28672, vocab=128256, tied=False),
     "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=512, tied=True),
 }
 MODES = {"bf16": [], "int8": ["--load_in_8bit", "true"], "nf4": ["--load_in_4bit", "true"]}
-for _m in list(MODES):  # "+offload": offload_param = "cpu" (projections in pinned host memory)
+MODES["full"] = ["--use_peft", "false"]  # full fine-tuning: every weight trains (fp32 masters)
+for _m in ("bf16", "int8", "nf4"):  # "+offload": offload_param = "cpu" (projections in pinned host memory)
     MODES[_m + "+offload"] = MODES[_m] + ["--offload_param", "cpu"]
 SEQ = 2048
 
