@@ -1,4 +1,4 @@
-// Launcher-independent pieces: shard ranges, the single-rank communicator, fingerprint checks.
+// Launcher-independent pieces: the single-rank communicator, fingerprint checks.
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,17 +11,6 @@
 #include "dist_internal.hpp"
 
 namespace ftune {
-
-ShardRange shard_range(size_t n, int rank, int size) {
-  if (size < 1 || rank < 0 || rank >= size)
-    throw std::invalid_argument("shard_range: rank " + std::to_string(rank) + " not in [0, " +
-                                std::to_string(size) + ")");
-  // The first n % size ranks get one element more: sizes differ by at most one.
-  const size_t s = static_cast<size_t>(size), r = static_cast<size_t>(rank);
-  const size_t base = n / s, extra = n % s;
-  const size_t begin = r * base + std::min(r, extra);
-  return {begin, begin + base + (r < extra ? 1 : 0)};
-}
 
 namespace dist {
 

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "ftune/kernels/cpu_ops.hpp"
+#include "ftune/model/zero3_weights.hpp"
 
 namespace ftune {
 
@@ -69,8 +70,9 @@ std::vector<double> rope_inv_freq(const ModelConfig& c) {
 }
 
 struct CpuTransformer::Impl {
-  const BaseWeights& w;
-  const ModelConfig& c;
+  const BaseWeights* dense = nullptr;    // the whole model, or
+  std::unique_ptr<Zero3Weights> zero3;  // ZeRO-3: this rank's shards, a layer gathered at a time
+  const ModelConfig c;
   bool checkpointing;
   std::vector<double> inv_freq;
   std::vector<float> rope_cos, rope_sin;  // [positions, head_dim/2]
@@ -81,14 +83,21 @@ struct CpuTransformer::Impl {
   std::vector<std::vector<f32>> resid;  // residual stream entering each layer, + final
   std::vector<LayerActs> acts;          // one per layer, or one shared when checkpointing
   std::vector<f32> tmp_h, dx, dmid, dxn, dtmp, datt, dq, dk, dv, dgate, dup, dh, xd, du;
-  // Full fine-tuning: gradients of every base weight, laid out like w.storage (null: LoRA).
+  // Full fine-tuning: gradients of every base weight, laid out like dense->storage (null: LoRA).
   float* full = nullptr;
-  float* grad_of(const float* weight) const { return full + (weight - w.storage.data()); }
+  float* grad_of(const float* weight) const { return full + (weight - dense->storage.data()); }
+
+  // The weights, wherever they are held. layer(l) gathers under ZeRO-3 (a collective).
+  const LayerWeights& layer(int l) { return zero3 ? zero3->layer(l) : dense->layers[l]; }
+  const float* embed_table() const { return zero3 ? zero3->embed() : dense->embed; }
+  const float* final_norm_w() const { return zero3 ? zero3->final_norm() : dense->final_norm; }
+  const float* lm_head_w() const { return zero3 ? zero3->lm_head() : dense->lm_head; }
 
   LoraAdapter no_lora;  // full fine-tuning's adapter: no projection carries LoRA
 
-  Impl(const BaseWeights& weights, bool ckpt)
-      : w(weights), c(weights.cfg), checkpointing(ckpt), inv_freq(rope_inv_freq(weights.cfg)) {
+  Impl(const BaseWeights* weights, std::unique_ptr<Zero3Weights> shards, bool ckpt)
+      : dense(weights), zero3(std::move(shards)), c(dense ? dense->cfg : zero3->config()),
+        checkpointing(ckpt), inv_freq(rope_inv_freq(c)) {
     no_lora.model = c;
     no_lora.spec.rank = 0;
     no_lora.slot_of.assign(c.num_hidden_layers * kNumProj, -1);
@@ -150,8 +159,8 @@ struct CpuTransformer::Impl {
                       std::vector<f32>& u, double dropout, uint64_t seed) {
     const int pi = static_cast<int>(p);
     const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
-    cpu::matmul_nt<f32>(y, x, w.layers[layer].w[pi], N, out, in, 1.0f, false);
-    if (const f32* b = w.layers[layer].b[pi]) {
+    cpu::matmul_nt<f32>(y, x, this->layer(layer).w[pi], N, out, in, 1.0f, false);
+    if (const f32* b = this->layer(layer).b[pi]) {
 #pragma omp parallel for schedule(static)
       for (int64_t n = 0; n < N; ++n)
         for (int64_t o = 0; o < out; ++o) y[n * out + o] += b[o];
@@ -175,10 +184,10 @@ struct CpuTransformer::Impl {
                        double dropout, uint64_t seed) {
     const int pi = static_cast<int>(p);
     const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
-    cpu::matmul_nn<f32>(dxo, dy, w.layers[layer].w[pi], N, in, out, 1.0f, accumulate);
+    cpu::matmul_nn<f32>(dxo, dy, this->layer(layer).w[pi], N, in, out, 1.0f, accumulate);
     if (full) {  // dW += dy^T x, db += column sums of dy
-      cpu::matmul_tn<f32>(grad_of(w.layers[layer].w[pi]), dy, x, out, in, N, 1.0f, true);
-      if (const f32* b = w.layers[layer].b[pi]) {
+      cpu::matmul_tn<f32>(grad_of(this->layer(layer).w[pi]), dy, x, out, in, N, 1.0f, true);
+      if (const f32* b = this->layer(layer).b[pi]) {
         f32* db = grad_of(b);
 #pragma omp parallel for schedule(static)
         for (int64_t o = 0; o < out; ++o) {
@@ -214,7 +223,7 @@ struct CpuTransformer::Impl {
 
   void layer_forward(int l, const MicroBatch& mb, const LoraAdapter& a, double dropout,
                      uint64_t seed) {
-    const LayerWeights& L = w.layers[l];
+    const LayerWeights& L = layer(l);
     LayerActs& A = acts_for(l);
     const f32* x = resid[l].data();
     f32* x_out = resid[l + 1].data();
@@ -253,7 +262,7 @@ struct CpuTransformer::Impl {
   // On entry dx = dLoss/d(layer output); on exit dx = dLoss/d(layer input).
   void layer_backward(int l, const MicroBatch& mb, const LoraAdapter& a, float* grads,
                       double dropout, uint64_t seed) {
-    const LayerWeights& L = w.layers[l];
+    const LayerWeights& L = layer(l);
     LayerActs& A = acts_for(l);
     const f32* x = resid[l].data();
     const int64_t H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
@@ -299,7 +308,7 @@ struct CpuTransformer::Impl {
     const int64_t H = c.hidden_size, V = c.vocab_size;
     const f32* xl = resid[c.num_hidden_layers].data();
     std::vector<f32> xf(N * H), rstd(N);
-    cpu::rms_norm_forward<f32>(xf.data(), rstd.data(), xl, w.final_norm, N, H, c.rms_norm_eps);
+    cpu::rms_norm_forward<f32>(xf.data(), rstd.data(), xl, final_norm_w(), N, H, c.rms_norm_eps);
     std::vector<int64_t> rows;
     for (int64_t n = 0; n < N; ++n)
       if (mb.targets[n] >= 0) {
@@ -322,20 +331,20 @@ struct CpuTransformer::Impl {
         std::copy_n(xf.data() + rows[r0 + i] * H, H, xc.data() + i * H);
         tc[i] = mb.targets[rows[r0 + i]];
       }
-      cpu::matmul_nt<f32>(logits.data(), xc.data(), w.lm_head, m, V, H, 1.0f, false);
+      cpu::matmul_nt<f32>(logits.data(), xc.data(), lm_head_w(), m, V, H, 1.0f, false);
       out.loss_sum += cpu::cross_entropy_forward_backward<f32>(dlogits.data(), logits.data(),
                                                                tc.data(), m, V, loss_scale);
       if (!want_grad) continue;
       dxc.resize(m * H);
-      cpu::matmul_nn<f32>(dxc.data(), dlogits.data(), w.lm_head, m, H, V, 1.0f, false);
-      if (full) cpu::matmul_tn<f32>(grad_of(w.lm_head), dlogits.data(), xc.data(), V, H, m, 1.0f, true);
+      cpu::matmul_nn<f32>(dxc.data(), dlogits.data(), lm_head_w(), m, H, V, 1.0f, false);
+      if (full) cpu::matmul_tn<f32>(grad_of(lm_head_w()), dlogits.data(), xc.data(), V, H, m, 1.0f, true);
       for (int64_t i = 0; i < m; ++i)
         std::copy_n(dxc.data() + i * H, H, dxf.data() + rows[r0 + i] * H);
     }
     if (want_grad)
-      cpu::rms_norm_backward<f32>(dx.data(), dxf.data(), xl, w.final_norm, rstd.data(), N, H, false);
+      cpu::rms_norm_backward<f32>(dx.data(), dxf.data(), xl, final_norm_w(), rstd.data(), N, H, false);
     if (want_grad && full)
-      cpu::rms_norm_weight_backward<f32>(grad_of(w.final_norm), dxf.data(), xl, rstd.data(), N, H);
+      cpu::rms_norm_weight_backward<f32>(grad_of(final_norm_w()), dxf.data(), xl, rstd.data(), N, H);
     return out;
   }
 
@@ -346,7 +355,7 @@ struct CpuTransformer::Impl {
       if (t < 0 || t >= c.vocab_size)
         throw std::runtime_error("token id " + std::to_string(t) + " is outside the vocabulary (" +
                                  std::to_string(c.vocab_size) + ")");
-      std::copy_n(w.embed + static_cast<int64_t>(t) * H, H, resid[0].data() + n * H);
+      std::copy_n(embed_table() + static_cast<int64_t>(t) * H, H, resid[0].data() + n * H);
     }
   }
 
@@ -355,11 +364,20 @@ struct CpuTransformer::Impl {
   // is already in the same rows.
   void embed_backward(const MicroBatch& mb) {
     const int64_t H = c.hidden_size;
-    f32* g = grad_of(w.embed);
+    f32* g = grad_of(embed_table());
     for (int64_t n = 0; n < N; ++n) {
       f32* row = g + static_cast<int64_t>(mb.tokens[n]) * H;
       for (int64_t i = 0; i < H; ++i) row[i] += dx[n * H + i];
     }
+  }
+
+  // An empty micro-batch computes nothing, but under ZeRO-3 it still takes part in the layer
+  // gathers the other ranks run: the same layers in the same order as a real step.
+  void walk_layers(bool backward) {
+    const int L = static_cast<int>(c.num_hidden_layers);
+    for (int l = 0; l < L; ++l) layer(l);
+    if (backward)
+      for (int l = L - 2; l >= 0; --l) layer(l);
   }
 
   LossSum run(const MicroBatch& mb, const LoraAdapter& adapter, float* grads, float loss_scale,
@@ -381,19 +399,28 @@ struct CpuTransformer::Impl {
 };
 
 CpuTransformer::CpuTransformer(const BaseWeights& weights, bool gradient_checkpointing)
-    : impl_(std::make_unique<Impl>(weights, gradient_checkpointing)) {}
+    : impl_(std::make_unique<Impl>(&weights, nullptr, gradient_checkpointing)) {}
+CpuTransformer::CpuTransformer(std::unique_ptr<Zero3Weights> shards, bool gradient_checkpointing)
+    : impl_(std::make_unique<Impl>(nullptr, std::move(shards), gradient_checkpointing)) {}
 CpuTransformer::~CpuTransformer() = default;
+
+const Zero3Weights* CpuTransformer::zero3() const { return impl_->zero3.get(); }
 
 LossSum CpuTransformer::forward_backward(const MicroBatch& mb, const LoraAdapter& adapter,
                                          float* grads, float loss_scale, uint64_t dropout_seed) {
   Impl& m = *impl_;
-  if (mb.num_tokens() == 0) return {};
+  if (mb.num_tokens() == 0) {
+    if (m.zero3) m.walk_layers(true);
+    return {};
+  }
   return m.run(mb, adapter, grads, loss_scale, dropout_seed);
 }
 
 LossSum CpuTransformer::forward_backward_full(const MicroBatch& mb, float* grads,
                                               float loss_scale) {
   Impl& m = *impl_;
+  if (m.zero3)
+    throw std::logic_error("forward_backward_full: full fine-tuning with ZeRO-3 is not supported");
   if (mb.num_tokens() == 0) return {};
   m.full = grads;
   struct Reset {  // LoRA steps after this one (or after a throw) form no base gradients
@@ -405,7 +432,10 @@ LossSum CpuTransformer::forward_backward_full(const MicroBatch& mb, float* grads
 
 LossSum CpuTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) {
   Impl& m = *impl_;
-  if (mb.num_tokens() == 0) return {};
+  if (mb.num_tokens() == 0) {
+    if (m.zero3) m.walk_layers(false);
+    return {};
+  }
   m.prepare(mb, adapter);
   m.embed(mb);
   for (int l = 0; l < m.c.num_hidden_layers; ++l) m.layer_forward(l, mb, adapter, 0.0, 0);

@@ -1,6 +1,6 @@
 // The CUDA step runner: the adapter's fp32 master weights, its bf16 copy, the gradient
 // accumulator and the Adam moments all live on the GPU of a CudaTransformer. One step:
-//   stage 0/1: NCCL all-reduce of the gradients;   stage 2: NCCL reduce-scatter;
+//   stage 0/1: NCCL all-reduce of the gradients;   stage 2 (and 3): NCCL reduce-scatter;
 //   squared norm (deterministic reduction; stage 2 all-reduces the shards' partial sums),
 //   clip coefficient on the device, AdamW over the owned range, NCCL all-gather of the
 //   updated masters (stages 1, 2), bf16 copy for the next forward.
@@ -35,7 +35,7 @@ class CudaStepRunner final : public StepRunner {
                  const AdamWHyper& h)
       : model_(model), layout_(adapter), comm_(comm), stage_(stage), hyper_(h),
         n_(adapter.params.size()) {
-    if (stage < 0 || stage > 2) throw std::runtime_error("zero_stage must be 0, 1 or 2 here");
+    if (stage < 0 || stage > 3) throw std::runtime_error("zero_stage must be 0, 1, 2 or 3");
     const size_t W = static_cast<size_t>(comm.size());
     if (W > 1) nccl_ = NcclCommunicator::create(comm);
     // NCCL's reduce-scatter and all-gather want equal chunks: pad the vector to W chunks.
@@ -78,7 +78,7 @@ class CudaStepRunner final : public StepRunner {
     float* scale = sumsq + 2;
     const size_t r = static_cast<size_t>(comm_.rank());
     const float* g_owned = g + owned_.begin;
-    if (stage_ == 2 && nccl_) {
+    if (stage_ >= 2 && nccl_) {  // ZeRO-3: the adapter as ZeRO-2 (frozen weights: the backend)
       // In place: rank r's summed chunk lands at g + r * chunk = g + owned.begin.
       nccl_->reduce_scatter_sum(g, g + r * chunk_, chunk_, s);
       cu::reduce_sum(sumsq, g_owned, static_cast<int64_t>(owned_.size()), true, false,

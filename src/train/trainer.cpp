@@ -22,6 +22,7 @@
 #include "ftune/io/peft.hpp"
 #include "ftune/model/quantize.hpp"
 #include "ftune/model/transformer_cpu.hpp"
+#include "ftune/model/zero3_weights.hpp"
 #if FTUNE_HAVE_CUDA
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/model/transformer_cuda.hpp"
@@ -53,19 +54,33 @@ bool uses_cuda_backend(const TrainConfig& cfg, const WorldInfo& world) {
 }
 
 std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightSource& source,
-                                           const BaseWeights* weights, const WorldInfo& world) {
+                                           const BaseWeights* weights, Communicator& comm) {
+  const WorldInfo& world = comm.world();
+  const int quant_bits = cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0;
 #if FTUNE_HAVE_CUDA
   if (uses_cuda_backend(cfg, world))
     return make_cuda_backend(source, cfg.gradient_checkpointing, cfg.flash_attn,
                              world.local_rank % cuda::cuda_device_count(),  // GPU = local rank
-                             cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0,
-                             cfg.offload_param == "cpu");
+                             quant_bits, cfg.offload_param == "cpu");
 #else
   (void)uses_cuda_backend(cfg, world);
 #endif
+  if (cfg.zero_stage == 3 && cfg.use_peft) {
+    ShardGather gather = [&comm](int, std::span<const float> shard, std::span<float> full) {
+      comm.all_gather(shard, full);
+    };
+    return std::make_unique<CpuTransformer>(
+        std::make_unique<Zero3Weights>(source, comm.rank(), comm.size(), gather, quant_bits),
+        cfg.gradient_checkpointing);
+  }
   if (!weights)
     throw std::logic_error("make_backend: the CPU backend needs the weights materialised");
   return std::make_unique<CpuTransformer>(*weights, cfg.gradient_checkpointing);
+}
+
+bool needs_host_weights(const TrainConfig& cfg, bool on_cuda) {
+  if (!cfg.use_peft) return true;
+  return !on_cuda && cfg.zero_stage != 3;
 }
 
 namespace {
@@ -169,13 +184,18 @@ struct EvalSet {
   std::vector<Example> examples;
 };
 
-// Mean token loss over a dataset; ranks split the examples and sum (loss, count).
+// Mean token loss over a dataset; ranks split the examples and sum (loss, count). With
+// lockstep (ZeRO-3: every forward gathers the layers with the other ranks) every rank runs
+// as many forwards as the rank with the most examples, the missing ones empty.
 std::pair<double, int64_t> evaluate(StepRunner& model, const std::vector<Example>& data,
-                                    int batch, Communicator& comm) {
+                                    int batch, Communicator& comm, bool lockstep) {
   double acc[2] = {0, 0};  // loss sum, token count
   std::vector<const Example*> mine;
   for (size_t i = comm.rank(); i < data.size(); i += comm.size()) mine.push_back(&data[i]);
-  for (size_t i = 0; i < mine.size(); i += batch) {
+  const size_t most = (data.size() + comm.size() - 1) / comm.size();
+  const size_t forwards = ((lockstep ? most : mine.size()) + batch - 1) / batch;
+  for (size_t f = 0; f < forwards; ++f) {
+    const size_t i = std::min(mine.size(), f * batch);
     std::vector<const Example*> ex(mine.begin() + i, mine.begin() + std::min(mine.size(), i + batch));
     LossSum ls = model.evaluate(make_micro_batch(ex));
     acc[0] += ls.loss_sum;
@@ -349,8 +369,9 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     // The CUDA backend converts (and quantises) the weights tensor by tensor as it reads
     // them; host memory never holds the fp32 model. The CPU backend computes with it.
     run.on_cuda = uses_cuda_backend(cfg, run.comm.world());
-    // Full fine-tuning trains (and saves) the whole model from its host copy.
-    if (!run.on_cuda || !cfg.use_peft) {
+    // Full fine-tuning trains (and saves) the whole model from its host copy; ZeRO-3 on the
+    // CPU reads only this rank's shards (make_backend).
+    if (needs_host_weights(cfg, run.on_cuda)) {
       run.weights = materialize(*run.source);
       // load_in_8bit / 4bit: the CPU trains on the round trip of the projections (the CUDA
       // backend quantises the originals: quantising the round trip gives the same codes).
@@ -408,7 +429,10 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                          total_steps};
   std::unique_ptr<TrainBackend> backend;
   if (cfg.use_peft)
-    backend = make_backend(cfg, *run.source, run.on_cuda ? nullptr : &run.weights, comm.world());
+    on_all_ranks(comm, [&] {
+      backend = make_backend(cfg, *run.source,
+                             needs_host_weights(cfg, run.on_cuda) ? &run.weights : nullptr, comm);
+    });
   else if (run.on_cuda)
     backend = make_full_finetune_cuda_backend(cfg, run.mc, comm.world());
   else
@@ -506,7 +530,8 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   auto run_eval = [&](int64_t step) {
     result.eval_losses.clear();
     for (const EvalSet& e : run.evals) {
-      auto [loss, n] = evaluate(opt, e.examples, cfg.per_device_eval_batch_size, comm);
+      auto [loss, n] = evaluate(opt, e.examples, cfg.per_device_eval_batch_size, comm,
+                                cfg.zero_stage == 3);
       if (metrics) metrics->log_eval(step, run.evals.size() > 1 ? "eval_" + e.name : "eval", loss, n);
       result.eval_losses.push_back(loss);
       std::ostringstream s;

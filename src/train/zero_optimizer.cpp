@@ -7,10 +7,10 @@ namespace ftune {
 
 ZeroAdamW::ZeroAdamW(size_t n, int stage, Communicator& comm, const AdamWHyper& hyper)
     : comm_(comm), stage_(stage), hyper_(hyper), n_(n) {
-  if (stage < 0 || stage > 2) throw std::runtime_error("zero_stage must be 0, 1 or 2 here");
+  if (stage < 0 || stage > 3) throw std::runtime_error("zero_stage must be 0, 1, 2 or 3");
   owned_ = stage == 0 ? ShardRange{0, n} : shard_range(n, comm.rank(), comm.size());
   state_.resize(owned_.size());
-  if (stage == 2) grad_shard_.resize(owned_.size());
+  if (stage >= 2) grad_shard_.resize(owned_.size());
 }
 
 size_t ZeroAdamW::state_bytes() const {
@@ -24,7 +24,7 @@ double ZeroAdamW::step(std::span<float> params, std::span<float> grads, double l
   const bool multi = comm_.size() > 1;
   std::span<float> g;  // the gradient of the owned range, summed over ranks
   double norm = 0;
-  if (stage_ == 2) {
+  if (stage_ >= 2) {  // ZeRO-3 shards the adapter like ZeRO-2 (its frozen weights: the backend)
     if (multi) comm_.reduce_scatter_sum(grads, grad_shard_);
     else std::copy(grads.begin(), grads.end(), grad_shard_.begin());
     g = grad_shard_;

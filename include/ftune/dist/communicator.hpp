@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "ftune/dist/shard_range.hpp"
+
 namespace ftune {
 
 struct WorldInfo {
@@ -24,13 +26,6 @@ struct WorldInfo {
   std::string launcher = "single";     // single | mpi | env
   std::string host;                    // this host's name
 };
-
-// [begin, end) of rank r's shard when n elements are split over `size` ranks (ZeRO).
-struct ShardRange {
-  size_t begin = 0, end = 0;
-  size_t size() const { return end - begin; }
-};
-ShardRange shard_range(size_t n, int rank, int size);
 
 class Communicator {
  public:

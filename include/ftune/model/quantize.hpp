@@ -15,5 +15,8 @@ namespace ftune {
 void apply_int8_roundtrip(BaseWeights& w);
 // The same with the NF4 round trip (load_in_4bit).
 void apply_nf4_roundtrip(BaseWeights& w);
+// One layer's projections (views that may point anywhere writable): bits 8 = int8, 4 = NF4,
+// 0 = nothing. For code that holds a layer at a time (ZeRO-3's shards).
+void apply_quant_roundtrip(const ModelConfig& c, LayerWeights& L, int bits);
 
 }  // namespace ftune

@@ -15,12 +15,20 @@
 
 namespace ftune {
 
+class Zero3Weights;  // model/zero3_weights.hpp
+
 class CpuTransformer final : public TrainBackend {
  public:
   // gradient_checkpointing: keep only each layer's input and recompute the layer's
   // activations during backward (same results, memory of one layer).
   CpuTransformer(const BaseWeights& weights, bool gradient_checkpointing);
+  // ZeRO-3 (zero_stage = 3): the layers are this rank's shards, each gathered just before it
+  // is used; the same results as the whole model. Every call is then collective: all ranks
+  // make the same calls in the same order (an empty micro-batch still gathers). LoRA only.
+  CpuTransformer(std::unique_ptr<Zero3Weights> shards, bool gradient_checkpointing);
   ~CpuTransformer() override;
+  const Zero3Weights* zero3() const;  // null unless sharded
+
   std::string name() const override { return "cpu"; }
 
   // Adds to `grads` (same layout as adapter.params) the gradient of

@@ -44,8 +44,13 @@ TrainResult run_training(const TrainConfig& cfg);
 bool uses_cuda_backend(const TrainConfig& cfg, const WorldInfo& world);
 // The backend for cfg.device on this rank (GPU = local rank). The CUDA backend reads
 // `source` tensor by tensor; the CPU backend computes with `weights` (the materialised
-// source; may be null when the CUDA backend is picked).
+// source; may be null when the CUDA backend is picked, or with zero_stage = 3, where each
+// rank reads its shards of the layers from `source` and gathers them over `comm`).
+// Collective with zero_stage = 3 and more than one rank.
 std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightSource& source,
-                                           const BaseWeights* weights, const WorldInfo& world);
+                                           const BaseWeights* weights, Communicator& comm);
+// Whether the run's host process needs the fp32 model materialised (the CPU backend without
+// ZeRO-3, or full fine-tuning, which trains and saves it).
+bool needs_host_weights(const TrainConfig& cfg, bool on_cuda);
 
 }  // namespace ftune

@@ -5,7 +5,9 @@
 //   stage 1: gradients all-reduced; Adam moments and fp32 master weights sharded, each rank
 //            updates its shard, then the parameters are all-gathered.
 //   stage 2: as stage 1, but gradients are reduce-scattered (each rank gets only its shard).
-// Optimizer-state memory per rank is 1/N of stage 0's for stages 1 and 2.
+//   stage 3: the adapter as stage 2; what stage 3 adds, sharding the frozen base weights,
+//            is the backend's (model/zero3_weights.hpp, the CUDA backend's layer gathers).
+// Optimizer-state memory per rank is 1/N of stage 0's for stages 1 to 3.
 #include <cstdint>
 #include <span>
 
