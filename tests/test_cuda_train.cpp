@@ -147,10 +147,11 @@ TEST_CASE("CUDA training on a random-on-load model equals training on it stored"
   }
 }
 
-// offload_param = "cpu" moves the same bytes through pinned memory and a side stream: the
+// offload_param = "cpu" moves the same bytes through pinned memory and a side stream, and
+// zero_stage = 3 on one rank streams its one shard per layer through the same slots: the
 // results must be bit-identical to resident weights, for bf16/int8/NF4 weights, with and
 // without gradient checkpointing (different layer orders: recompute + backward per layer).
-TEST_CASE("CUDA offload_param = cpu gives bit-identical training") {
+TEST_CASE("CUDA offload_param = cpu and zero_stage = 3 give bit-identical training") {
   if (ftune::cuda::cuda_device_count() == 0) {
     MESSAGE("skipped: no GPU");
     return;
@@ -164,13 +165,18 @@ TEST_CASE("CUDA offload_param = cpu gives bit-identical training") {
       ftune::TrainConfig c = small_run(root, "stored", bits);
       c.gradient_checkpointing = ckpt;
       const ftune::TrainResult a = ftune::run_training(c);
-      c.offload_param = "cpu";
-      c.output_dir = root + "/out_offload";
-      const ftune::TrainResult b = ftune::run_training(c);
       REQUIRE(a.losses.size() == 3);
-      CHECK(a.losses == b.losses);
-      CHECK(a.eval_losses == b.eval_losses);
       CHECK(!a.eval_losses.empty());
-      CHECK(a.adapter.params == b.adapter.params);
+      for (int zero3_offload = 0; zero3_offload < 3; ++zero3_offload) {
+        CAPTURE(zero3_offload);  // 0: offload alone; 1: ZeRO-3; 2: ZeRO-3 + offload
+        ftune::TrainConfig v = c;
+        v.offload_param = zero3_offload != 1 ? "cpu" : "none";
+        v.zero_stage = zero3_offload ? 3 : 0;
+        v.output_dir = root + "/out_variant";
+        const ftune::TrainResult b = ftune::run_training(v);
+        CHECK(a.losses == b.losses);
+        CHECK(a.eval_losses == b.eval_losses);
+        CHECK(a.adapter.params == b.adapter.params);
+      }
     }
 }

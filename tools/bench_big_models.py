@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The largest model that trains: ftune LoRA (r8 alpha 16 dropout 0.05, all linear layers, bf16
 activations, AdamW, seq 2048, batch 1, gradient checkpointing on) on one GPU, per model shape x
-weight mode (bf16, int8 = load_in_8bit, nf4 = load_in_4bit; "+offload" adds offload_param = cpu);
+weight mode (bf16, int8 = load_in_8bit, nf4 = load_in_4bit, full = use_peft false; "+offload" adds
+offload_param = cpu, "+zero3" zero_stage = 3);
 a case is shape:mode[:batch]. Models are random-on-load
 directories (`ftune init-model --weights on_load`): a 70B model is 140 GB in bf16, more than the
 GPU machine's disk, so ftune makes the weights (the counter-based fast init) while loading.
@@ -24,8 +25,17 @@ SHAPES = {  # Llama-3-8B, Llama-3-70B (and tiny, to try the tool on a CPU)
 }
 MODES = {"bf16": [], "int8": ["--load_in_8bit", "true"], "nf4": ["--load_in_4bit", "true"]}
 MODES["full"] = ["--use_peft", "false"]  # full fine-tuning: every weight trains (fp32 masters)
-for _m in ("bf16", "int8", "nf4"):  # "+offload": offload_param = "cpu" (projections in pinned host memory)
-    MODES[_m + "+offload"] = MODES[_m] + ["--offload_param", "cpu"]
+# Suffixes: "+offload" = offload_param "cpu" (projections in pinned host memory); "+zero3" =
+# zero_stage 3 (each rank keeps 1/N of every layer, gathered just in time; on one GPU this
+# measures the streaming path's cost). E.g. "int8+zero3+offload".
+SUFFIXES = {"offload": ["--offload_param", "cpu"], "zero3": ["--zero_stage", "3"]}
+
+
+def mode_args(mode):
+    base, *extra = mode.split("+")
+    if base not in MODES or any(e not in SUFFIXES for e in extra):
+        raise SystemExit(f"unknown mode {mode!r}: {'/'.join(MODES)} with +{'/+'.join(SUFFIXES)}")
+    return MODES[base] + [x for e in extra for x in SUFFIXES[e]]
 SEQ = 2048
 
 
@@ -64,7 +74,7 @@ def run_case(a, shape, mode, batch):
            "--gradient_accumulation_steps", "1", "--max_steps", str(a.warmup + a.steps),
            "--gradient_checkpointing", "true", "--lora_rank", "8", "--lora_alpha", "16",
            "--lora_dropout", "0.05", "--learning_rate", "2e-5", "--logging_steps", "1",
-           "--validation_split_percentage", "0", "--model_max_length", str(SEQ), "--save_steps", "0"] + MODES[mode]
+           "--validation_split_percentage", "0", "--model_max_length", str(SEQ), "--save_steps", "0"] + mode_args(mode)
     t0 = time.time()
     with open(log, "w") as f:
         f.write("$ " + shlex.join(cmd) + "\n")

@@ -245,4 +245,10 @@ void NcclCommunicator::all_gather(const float* send, float* recv, size_t count, 
   FTUNE_NCCL_CHECK(ncclAllGather(send, recv, count, ncclFloat32, comm_, stream));
 }
 
+void NcclCommunicator::all_gather_bytes(const void* send, void* recv, size_t bytes,
+                                        stream_t stream) {
+  if (bytes == 0) return;
+  FTUNE_NCCL_CHECK(ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream));
+}
+
 }  // namespace ftune

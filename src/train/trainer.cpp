@@ -24,6 +24,7 @@
 #include "ftune/model/transformer_cpu.hpp"
 #include "ftune/model/zero3_weights.hpp"
 #if FTUNE_HAVE_CUDA
+#include "ftune/dist/nccl.hpp"
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/model/transformer_cuda.hpp"
 #endif
@@ -58,10 +59,26 @@ std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightS
   const WorldInfo& world = comm.world();
   const int quant_bits = cfg.load_in_8bit ? 8 : cfg.load_in_4bit ? 4 : 0;
 #if FTUNE_HAVE_CUDA
-  if (uses_cuda_backend(cfg, world))
+  if (uses_cuda_backend(cfg, world)) {
+    std::optional<CudaTransformer::LayerSharding> zero3;
+    if (cfg.zero_stage == 3) {
+      zero3.emplace();
+      zero3->rank = comm.rank();
+      zero3->size = comm.size();
+      if (comm.size() > 1) {
+        // The layer gathers get their own NCCL communicator (the step runner's carries the
+        // gradients on the compute stream; these run on the streamer's side stream).
+        std::shared_ptr<NcclCommunicator> nccl = NcclCommunicator::create(comm);
+        zero3->all_gather = [nccl](const void* send, void* recv, size_t bytes,
+                                   cuda::stream_t stream) {
+          nccl->all_gather_bytes(send, recv, bytes, stream);
+        };
+      }
+    }
     return make_cuda_backend(source, cfg.gradient_checkpointing, cfg.flash_attn,
                              world.local_rank % cuda::cuda_device_count(),  // GPU = local rank
-                             quant_bits, cfg.offload_param == "cpu");
+                             quant_bits, cfg.offload_param == "cpu", zero3 ? &*zero3 : nullptr);
+  }
 #else
   (void)uses_cuda_backend(cfg, world);
 #endif
@@ -524,6 +541,18 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                               "weights are the trained parameters; offload_optimizer moves them)"
                             : "\n[ftune] offload_param: projection weights in pinned host "
                               "memory, copied to the GPU a layer ahead");
+    if (cfg.zero_stage == 3) {
+      s << "\n[ftune] zero_stage 3: each layer's frozen weights sharded over " << world
+        << (world == 1 ? " rank" : " ranks") << " and gathered just before use";
+      if (const auto* cpu = dynamic_cast<const CpuTransformer*>(backend.get()); cpu && cpu->zero3())
+        s << "; base weights held by this rank: " << cpu->zero3()->bytes() / double(1 << 20)
+          << " MiB (host)";
+#if FTUNE_HAVE_CUDA
+      if (const auto* gpu = dynamic_cast<const CudaTransformer*>(backend.get()))
+        s << "; base weights held by this rank: " << gpu->weight_bytes() / double(1 << 20)
+          << " MiB on the GPU" << (cfg.offload_param == "cpu" ? " (layer shards in host memory)" : "");
+#endif
+    }
     say(s.str());
   }
 

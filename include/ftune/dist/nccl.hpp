@@ -82,6 +82,8 @@ class NcclCommunicator {
   // Each rank sends `count` elements; recv (size()*count) holds rank r's at r*count. In place
   // when send == recv + rank()*count.
   void all_gather(const float* send, float* recv, size_t count, stream_t stream);
+  // The same over raw bytes (ZeRO-3's layer blocks, whatever their element types).
+  void all_gather_bytes(const void* send, void* recv, size_t bytes, stream_t stream);
 
  private:
   NcclCommunicator(ncclComm* comm, int rank, int size, int device, GpuInfo gpu);
@@ -118,6 +120,7 @@ inline void NcclCommunicator::all_reduce_sum(float*, size_t, stream_t) {}
 inline void NcclCommunicator::all_reduce_sum_bf16(cuda::bf16*, size_t, stream_t) {}
 inline void NcclCommunicator::reduce_scatter_sum(const float*, float*, size_t, stream_t) {}
 inline void NcclCommunicator::all_gather(const float*, float*, size_t, stream_t) {}
+inline void NcclCommunicator::all_gather_bytes(const void*, void*, size_t, stream_t) {}
 inline std::vector<NcclDoctorLine> nccl_doctor_checks(Communicator&, size_t) { return {}; }
 #endif
 

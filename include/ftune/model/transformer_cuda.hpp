@@ -13,6 +13,7 @@
 // with the optimizer) and only the per-row losses come back.
 // Plain C++ header (no CUDA includes); implemented in src/model/cuda/*.cu.
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -35,8 +36,22 @@ class CudaTransformer final : public TrainBackend {
   // computes (two layers on the device at a time). Same values, same results.
   // The weights are read from `weights` tensor by tensor while constructing (host memory
   // holds one slice or one matrix at a time) and not used afterwards.
+  // zero_stage = 3: each rank keeps 1/size of every layer's projection block (on the GPU, or
+  // with offload_param in pinned host memory) and gathers a layer from all ranks just before
+  // it is used, the next one on a side stream while the current one computes. Embeddings,
+  // norms, biases and lm_head stay whole. Every call is then collective: all ranks make the
+  // same calls in the same order (an empty micro-batch still gathers).
+  struct LayerSharding {
+    int rank = 0, size = 1;
+    // Collective, enqueued on `stream`: every rank sends `bytes` from `send`; recv
+    // (size * bytes) receives rank r's at r * bytes; in place when send == recv + rank *
+    // bytes. Unused (may be empty) when size == 1.
+    std::function<void(const void* send, void* recv, size_t bytes, cuda::stream_t stream)>
+        all_gather;
+  };
   CudaTransformer(const WeightSource& weights, bool gradient_checkpointing, bool flash_attn,
-                  int device = 0, int quant_bits = 0, bool offload_param = false);
+                  int device = 0, int quant_bits = 0, bool offload_param = false,
+                  const LayerSharding* zero3 = nullptr);
   CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing, bool flash_attn,
                   int device = 0, int quant_bits = 0, bool offload_param = false);
   // Full fine-tuning (use_peft = false): the "adapter" is the whole model
@@ -75,15 +90,19 @@ class CudaTransformer final : public TrainBackend {
   // Most device memory this backend has held at once (weights, adapter copies, activation
   // arena, workspaces), in bytes; cuBLASLt's own handle state and the CUDA context excluded.
   size_t peak_bytes() const;
+  // Device bytes of the frozen weights this rank holds (ZeRO-3: its shards), the streaming
+  // slots excluded; and whether the layers are sharded.
+  size_t weight_bytes() const;
+  bool sharded() const;
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
-                                                bool gradient_checkpointing, bool flash_attn,
-                                                int device, int quant_bits = 0,
-                                                bool offload_param = false);
+std::unique_ptr<TrainBackend> make_cuda_backend(
+    const WeightSource& weights, bool gradient_checkpointing, bool flash_attn, int device,
+    int quant_bits = 0, bool offload_param = false,
+    const CudaTransformer::LayerSharding* zero3 = nullptr);
 
 }  // namespace ftune

@@ -5,6 +5,11 @@
 #include <algorithm>
 #include <cstring>
 
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "../../kernels/cuda/common.cuh"
 #include "device_weights.cuh"
 #include "ftune/kernels/cpu_quant.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
@@ -47,10 +52,14 @@ void DeviceWeights::layout_blocks(const ModelConfig& c) {
   layer_bytes = off;
 }
 
-DeviceWeights::DeviceWeights(const WeightSource& src, stream_t stream, int bits, bool to_host)
-    : quant_bits(bits), offload(to_host) {
+DeviceWeights::DeviceWeights(const WeightSource& src, stream_t stream, int bits, bool to_host,
+                             BlockSharding sh)
+    : quant_bits(bits), offload(to_host), sharding(sh) {
   if (bits != 0 && bits != 8 && bits != 4)
     throw CudaError("DeviceWeights: quant_bits must be 0, 8 or 4");
+  if (sh.on && (sh.size < 1 || sh.rank < 0 || sh.rank >= sh.size))
+    throw CudaError("DeviceWeights: shard rank " + std::to_string(sh.rank) + " of " +
+                    std::to_string(sh.size));
   const ModelConfig& c = src.config();
   const auto& entries = src.entries();
   layers.resize(c.num_hidden_layers);
@@ -102,12 +111,31 @@ DeviceWeights::DeviceWeights(const WeightSource& src, stream_t stream, int bits,
   if (c.tie_word_embeddings) lm_head = embed;
   stream_sync(stream);  // `stage` is freed on return
   layout_blocks(c);
-  const size_t all = layer_bytes * layers.size();
-  if (offload)
+  chunk_bytes = sharding.on ? align256((layer_bytes + sharding.size - 1) / sharding.size)
+                            : layer_bytes;
+  const size_t all = chunk_bytes * layers.size();
+  if (offload) {
     host_blocks_ = PinnedBuffer(all);
-  else
+    if (sharding.on) std::memset(host_blocks_.get(), 0, all);  // the last chunk's padding
+  } else {
     dev_blocks_ = DeviceBuffer(all);
+    if (sharding.on) dev_blocks_.zero();
+  }
   fill_blocks(src, stream);
+}
+
+// Sharded: layer l's block was assembled whole in `block` (host memory with offload, else
+// the device); this rank's chunk of it goes to chunk(l).
+void DeviceWeights::keep_chunk(const char* block, int l, stream_t stream) {
+  const size_t begin = static_cast<size_t>(sharding.rank) * chunk_bytes;
+  if (begin >= layer_bytes) return;  // all padding
+  const size_t n = std::min(chunk_bytes, layer_bytes - begin);
+  char* dst = const_cast<char*>(chunk(l));
+  if (offload) {
+    std::memcpy(dst, block + begin, n);
+  } else {
+    FTUNE_CUDA_CHECK(cudaMemcpyAsync(dst, block + begin, n, cudaMemcpyDeviceToDevice, stream));
+  }
 }
 
 // Each projection matrix read whole into host memory, converted (bf16, on the GPU) or
@@ -116,6 +144,16 @@ void DeviceWeights::fill_blocks(const WeightSource& src, stream_t stream) {
   const ModelConfig& c = src.config();
   const auto& entries = src.entries();
   char* blocks = offload ? host_blocks_.as<char>() : dev_blocks_.as<char>();
+  // Sharded: each layer's block is assembled whole in one scratch (host memory with offload,
+  // else the device), then this rank keeps its chunk.
+  PinnedBuffer host_scratch;
+  DeviceBuffer dev_scratch;
+  if (sharding.on) {
+    if (offload) host_scratch = PinnedBuffer(layer_bytes);
+    else dev_scratch = DeviceBuffer(layer_bytes);
+  }
+  char* scratch = offload ? host_scratch.as<char>() : dev_scratch.as<char>();
+  int assembling = -1;  // the layer in scratch
   auto put = [&](char* dst, const void* host_src, size_t bytes) {
     if (offload)
       std::memcpy(dst, host_src, bytes);
@@ -137,7 +175,11 @@ void DeviceWeights::fill_blocks(const WeightSource& src, stream_t stream) {
     if (e.kind != Kind::proj_weight) continue;
     const int pi = static_cast<int>(e.proj);
     const ProjParts& P = parts[pi];
-    char* blk = blocks + static_cast<size_t>(e.layer) * layer_bytes;
+    if (sharding.on && assembling != e.layer) {  // entries come layer by layer
+      if (assembling >= 0) keep_chunk(scratch, assembling, stream);
+      assembling = static_cast<int>(e.layer);
+    }
+    char* blk = sharding.on ? scratch : blocks + static_cast<size_t>(e.layer) * layer_bytes;
     const int64_t in = proj_in_features(c, e.proj), out = proj_out_features(c, e.proj), n = in * out;
     if (!quant_bits) {
       const int64_t stage_n = std::min(n, kStageFloats);
@@ -173,6 +215,7 @@ void DeviceWeights::fill_blocks(const WeightSource& src, stream_t stream) {
     put(blk + P.scale, scale.data(), scale.size() * sizeof(float));
     if (!offload) stream_sync(stream);  // the host vectors are reused for the next matrix
   }
+  if (assembling >= 0) keep_chunk(scratch, assembling, stream);
   stream_sync(stream);
 }
 

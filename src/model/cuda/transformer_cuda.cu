@@ -6,7 +6,7 @@
 // the trainer's path; the TrainBackend interface copies them out for host callers).
 // Under checkpointing the backward re-runs each layer's forward in a lighter form
 // (layer_forward's `recompute`); quantised weights are dequantised a layer at a time and
-// offloaded ones copied in a layer ahead (weight()); FTUNE_PROFILE=1 times every region (profiler.cuh).
+// offloaded or ZeRO-3-sharded ones fetched a layer ahead (weight()); FTUNE_PROFILE=1 times every region (profiler.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -84,7 +84,7 @@ struct CudaTransformer::Impl {
   cu::DeviceBuffer dequant;
   int dequant_layer = -1;
   std::array<size_t, kNumProj> dequant_off{};
-  cm::LayerStreamer streamer;  // offload_param: layer blocks copied in from pinned memory
+  cm::LayerStreamer streamer;  // offload_param / ZeRO-3: layer blocks fetched a layer ahead
 
   // Full fine-tuning (use_peft = false): the weights are the trainer's parameter vector
   // (BaseWeights::layout order); bind_full points the views at its bf16 copy each call and
@@ -177,13 +177,17 @@ struct CudaTransformer::Impl {
                                  stream.get());
   }
 
+  static cm::BlockSharding block_sharding(const CudaTransformer::LayerSharding* z) {
+    return z ? cm::BlockSharding{true, z->rank, z->size} : cm::BlockSharding{};
+  }
+
   Impl(const WeightSource& weights, bool ckpt, bool flash_attn, int dev, int quant_bits,
-       bool offload)
+       bool offload, const CudaTransformer::LayerSharding* zero3)
       : device(select_device(dev)),
         c(weights.config()),
         checkpointing(ckpt),
         flash(flash_attn && (c.head_dim == 64 || c.head_dim == 128)),
-        w(weights, stream.get(), quant_bits, offload),
+        w(weights, stream.get(), quant_bits, offload, block_sharding(zero3)),
         inv_freq(rope_inv_freq(c)) {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -196,14 +200,27 @@ struct CudaTransformer::Impl {
       }
       dequant = cu::DeviceBuffer(off);
     }
-    if (offload)
-      streamer = cm::LayerStreamer(w.block(0), w.layer_bytes,
-                                   static_cast<int>(c.num_hidden_layers), stream.get());
+    if (w.streamed())
+      streamer = cm::LayerStreamer(w.chunk(0), w.offload, w.chunk_bytes, w.sharding.rank,
+                                   w.sharding.size, static_cast<int>(c.num_hidden_layers),
+                                   stream.get(), zero3 ? zero3->all_gather : cm::DeviceAllGather{});
     note_memory();
   }
 
   // Layer l's projection block as the stream will see it: resident, or streamed in.
-  const char* block(int l) { return w.offload ? streamer.acquire(l) : w.block(l); }
+  const char* block(int l) { return w.streamed() ? streamer.acquire(l) : w.block(l); }
+
+  // ZeRO-3, for a micro-batch with no tokens: take part in the layer gathers the other ranks
+  // run, in the order a real step asks for the layers (forward up; backward down). Through
+  // weight(), so that the quantised path's one-layer cache moves exactly as in a real step
+  // (a gather happens when a layer is asked for that the streamer does not hold last).
+  void walk_layers(bool backward) {
+    if (!w.sharding.on) return;
+    const int L = static_cast<int>(c.num_hidden_layers);
+    for (int l = 0; l < L; ++l) weight(l, Proj::q);
+    if (backward)
+      for (int l = L - 2; l >= 0; --l) weight(l, Proj::q);
+  }
 
   // Projection p's bf16 weight for layer l. Quantised, the whole layer is dequantised into
   // one scratch on first use; the stream orders this after the previous layer's readers.
@@ -565,9 +582,10 @@ struct CudaTransformer::Impl {
 };
 
 CudaTransformer::CudaTransformer(const WeightSource& weights, bool gradient_checkpointing,
-                                 bool flash_attn, int device, int quant_bits, bool offload_param)
+                                 bool flash_attn, int device, int quant_bits, bool offload_param,
+                                 const LayerSharding* zero3)
     : impl_(std::make_unique<Impl>(weights, gradient_checkpointing, flash_attn, device,
-                                   quant_bits, offload_param)) {}
+                                   quant_bits, offload_param, zero3)) {}
 CudaTransformer::CudaTransformer(const BaseWeights& weights, bool gradient_checkpointing,
                                  bool flash_attn, int device, int quant_bits, bool offload_param)
     : CudaTransformer(InMemoryWeightSource(weights), gradient_checkpointing, flash_attn, device,
@@ -580,6 +598,8 @@ CudaTransformer::~CudaTransformer() = default;
 std::string CudaTransformer::name() const { return impl_->dev_name; }
 bool CudaTransformer::uses_flash() const { return impl_->flash; }
 size_t CudaTransformer::peak_bytes() const { return impl_->peak; }
+size_t CudaTransformer::weight_bytes() const { return impl_->w.bytes(); }
+bool CudaTransformer::sharded() const { return impl_->w.sharding.on; }
 int CudaTransformer::device() const { return impl_->device; }
 cuda::stream_t CudaTransformer::stream() const { return impl_->stream.get(); }
 
@@ -588,8 +608,11 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
                                                     const cuda::bf16* params16, float* grads32,
                                                     float loss_scale, uint64_t dropout_seed) {
   Impl& m = *impl_;
-  if (mb.num_tokens() == 0) return {};
   cm::use_device(m.device);
+  if (mb.num_tokens() == 0) {
+    m.walk_layers(true);
+    return {};
+  }
   m.prepare(mb, layout);
   if (m.full) m.bind_full(params16, grads32);
   const cm::LoraCtx lc{&layout, params16, grads32, layout.spec.dropout, dropout_seed};
@@ -618,8 +641,11 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
 LossSum CudaTransformer::forward_loss_on_device(const MicroBatch& mb, const LoraAdapter& layout,
                                                 const cuda::bf16* params16) {
   Impl& m = *impl_;
-  if (mb.num_tokens() == 0) return {};
   cm::use_device(m.device);
+  if (mb.num_tokens() == 0) {
+    m.walk_layers(false);
+    return {};
+  }
   m.prepare(mb, layout);
   if (m.full) m.bind_full(params16, nullptr);
   const cm::LoraCtx lc{&layout, params16, nullptr, 0.0, 0};
@@ -633,7 +659,8 @@ LossSum CudaTransformer::forward_backward(const MicroBatch& mb, const LoraAdapte
                                           float* grads, float loss_scale,
                                           uint64_t dropout_seed) {
   Impl& m = *impl_;
-  if (mb.num_tokens() == 0) return {};
+  if (mb.num_tokens() == 0)  // (ZeRO-3 still gathers)
+    return forward_backward_on_device(mb, adapter, nullptr, nullptr, loss_scale, dropout_seed);
   cm::use_device(m.device);
   m.upload_adapter(adapter, true);
   const size_t np = adapter.params.size();
@@ -649,7 +676,7 @@ LossSum CudaTransformer::forward_backward(const MicroBatch& mb, const LoraAdapte
 
 LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) {
   Impl& m = *impl_;
-  if (mb.num_tokens() == 0) return {};
+  if (mb.num_tokens() == 0) return forward_loss_on_device(mb, adapter, nullptr);
   cm::use_device(m.device);
   m.upload_adapter(adapter, false);
   return forward_loss_on_device(mb, adapter, m.p16.as<bf16>());
@@ -659,9 +686,10 @@ bool CudaTransformer::full_finetuning() const { return impl_->full; }
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
                                                 bool gradient_checkpointing, bool flash_attn,
-                                                int device, int quant_bits, bool offload_param) {
+                                                int device, int quant_bits, bool offload_param,
+                                                const CudaTransformer::LayerSharding* zero3) {
   return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device,
-                                           quant_bits, offload_param);
+                                           quant_bits, offload_param, zero3);
 }
 
 }  // namespace ftune
