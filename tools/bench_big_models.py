@@ -3,11 +3,12 @@
 activations, AdamW, seq 2048, batch 1, gradient checkpointing on) on one GPU, per model shape x
 weight mode (bf16, int8 = load_in_8bit, nf4 = load_in_4bit, full = use_peft false; "+offload" adds
 offload_param = cpu, "+zero3" zero_stage = 3);
-a case is shape:mode[:batch]. Models are random-on-load
+a case is shape:mode[:batch[:ranks]]; ranks > 1 runs `mpirun -np ranks` on this host's GPUs
+(one per rank; tokens/s in the table is per GPU, peak is rank 0's). Models are random-on-load
 directories (`ftune init-model --weights on_load`): a 70B model is 140 GB in bf16, more than the
 GPU machine's disk, so ftune makes the weights (the counter-based fast init) while loading.
 
-  tools/bench_big_models.py --ftune build/ftune --out DIR [--cases 8b:bf16,70b:nf4,8b:bf16+offload:4,...]
+  tools/bench_big_models.py --ftune build/ftune --out DIR [--cases 8b:bf16,70b:nf4,8b:bf16+offload:4,70b:bf16+zero3:1:2,...]
         [--steps 4 --warmup 1] [--work DIR] [--timeout 500]
 
 Prints a table, writes DIR/big_models.md and DIR/big_models.json (commands, logs' tails, every
@@ -51,10 +52,10 @@ def flops_per_token(s):  # as tools/bench_train.py: 4P + 6 L seq q_dim
     return 4 * p + 6 * L * SEQ * s["heads"] * hd
 
 
-def run_case(a, shape, mode, batch):
+def run_case(a, shape, mode, batch, ranks=1):
     s = SHAPES[shape]
     model, data = os.path.join(a.work, "onload_" + shape), os.path.join(a.work, f"data_{shape}_big.jsonl")
-    tag = f"{shape}_{mode.replace('+', '_')}_b{batch}"
+    tag = f"{shape}_{mode.replace('+', '_')}_b{batch}" + (f"_n{ranks}" if ranks > 1 else "")
     odir, log = os.path.join(a.work, "big_" + tag), os.path.join(a.out, f"big_{tag}.log")
     if not os.path.exists(os.path.join(model, "config.json")):
         init = [a.ftune, "init-model", "--output", model, "--weights", "on_load",
@@ -75,6 +76,9 @@ def run_case(a, shape, mode, batch):
            "--gradient_checkpointing", "true", "--lora_rank", "8", "--lora_alpha", "16",
            "--lora_dropout", "0.05", "--learning_rate", "2e-5", "--logging_steps", "1",
            "--validation_split_percentage", "0", "--model_max_length", str(SEQ), "--save_steps", "0"] + mode_args(mode)
+    if ranks > 1:  # one process per GPU; NVLink multicast off (see the device notes)
+        cmd = ["mpirun", "-np", str(ranks), "--allow-run-as-root", "--bind-to", "none",
+               "-x", "NCCL_NVLS_ENABLE=0"] + cmd
     t0 = time.time()
     with open(log, "w") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
@@ -85,7 +89,7 @@ def run_case(a, shape, mode, batch):
             rc = 124
     wall = time.time() - t0
     lines = open(log, errors="replace").read().splitlines()
-    res = dict(shape=shape, mode=mode, batch=batch, params=params(s), cmd=shlex.join(cmd), rc=rc, wall_s=wall,
+    res = dict(shape=shape, mode=mode, batch=batch, ranks=ranks, params=params(s), cmd=shlex.join(cmd), rc=rc, wall_s=wall,
                log_tail=lines[-15:])
     mfile = os.path.join(odir, "metrics.jsonl")
     rows = [json.loads(l) for l in open(mfile) if '"tokens_per_s"' in l] if rc == 0 and os.path.exists(mfile) else []
@@ -93,7 +97,7 @@ def run_case(a, shape, mode, batch):
     if not timed:
         oom = any("out of memory" in l.lower() for l in lines[-30:])
         return dict(res, error="OOM" if oom else "timeout" if rc == 124 else f"failed (rc {rc})")
-    tps = sum(r["tokens_per_s"] for r in timed) / len(timed)
+    tps = sum(r["tokens_per_s"] for r in timed) / len(timed) / ranks  # per GPU
     peaks = [r["peak_gpu_mem_gib"] for r in rows if r.get("peak_gpu_mem_gib") is not None]
     return dict(res, tokens_per_s=tps, peak_gib=max(peaks) if peaks else None, steps=rows,
                 setup_s=rows[0]["elapsed_s"] - rows[0]["tokens"] / rows[0]["tokens_per_s"], mfu=tps * flops_per_token(s) / (a.peak_tflops * 1e12),
@@ -101,16 +105,16 @@ def run_case(a, shape, mode, batch):
 
 
 def table(results, gpu):
-    out = [f"GPU: {gpu}; 1 GPU; LoRA r8 all linear, batch 1, seq {SEQ}, checkpointing on; "
+    out = [f"GPU: {gpu}; LoRA r8 all linear, seq {SEQ}, checkpointing on; tokens/s and peak per GPU; "
            f"MFU = tokens/s x (4P + 6 L seq q_dim) / peak", "",
-           "| shape | params | weights | batch | tokens/s | peak GiB | MFU | setup s | status |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+           "| shape | params | weights | GPUs | batch | tokens/s | peak GiB | MFU | setup s | status |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if "error" in r:
-            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} | {r['batch']} |  |  |  |  | {r['error']} |")
+            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} | {r.get('ranks', 1)} | {r['batch']} |  |  |  |  | {r['error']} |")
         else:
             peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
-            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+            out.append(f"| {r['shape']} | {r['params'] / 1e9:.1f}B | {r['mode']} | {r.get('ranks', 1)} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
                        f"{peak} | {100 * r['mfu']:.1f}% | {r['setup_s']:.0f} | trains |")
     return "\n".join(out)
 
@@ -137,7 +141,7 @@ def main():
     results = []
     for case in a.cases.split(","):
         shape, mode, *rest = case.split(":")
-        results.append(run_case(a, shape, mode, int(rest[0]) if rest else 1))
+        results.append(run_case(a, shape, mode, int(rest[0]) if rest else 1, int(rest[1]) if len(rest) > 1 else 1))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("steps", "log_tail", "cmd")}), flush=True)
         json.dump(dict(gpu=gpu, results=results), open(os.path.join(a.out, "big_models.json"), "w"), indent=1)
     md = table(results, gpu)

@@ -7,7 +7,8 @@
 #   batch 4, checkpointing on, ftune alone; hf: HF+PEFT eager and compiled on the same case;
 #   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights;
 #   attn: our flash attention against torch SDPA at the two shapes; big:
-#   tools/bench_big_models.py, the cases in $BIG_CASES, default all)
+#   tools/bench_big_models.py, the cases in $BIG_CASES, default all; shape:mode:batch:ranks
+#   runs mpirun -np ranks, e.g. 70b:bf16+zero3:1:2 on a 2-GPU kind)
 # Prepare here first (both folders are git-ignored):
 #   mkdir -p .deb && (cd .deb && apt-get download libtomlplusplus-dev libutf8proc-dev \
 #     libutf8proc2 libpcre2-dev libpcre2-8-0 && for f in *.deb; do dpkg -x $f root; done)
