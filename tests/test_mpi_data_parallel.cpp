@@ -191,7 +191,7 @@ TEST_CASE("optimizer state per rank falls as 1/N with ZeRO 1 and 2") {
 }
 
 TEST_CASE("resume: bit-identical on the same world size, re-sharded onto 1 rank") {
-  for (int stage : {0, 2}) {
+  for (int stage : {0, 2, 3}) {
     CAPTURE(stage);
     // Uninterrupted 2-rank run that also saves checkpoint-4.
     ftune::TrainConfig full = fixture_config(rank_dir("full"), 1);
