@@ -28,8 +28,10 @@ MODES = {"bf16": [], "int8": ["--load_in_8bit", "true"], "nf4": ["--load_in_4bit
 MODES["full"] = ["--use_peft", "false"]  # full fine-tuning: every weight trains (fp32 masters)
 # Suffixes: "+offload" = offload_param "cpu" (projections in pinned host memory); "+zero3" =
 # zero_stage 3 (each rank keeps 1/N of every layer, gathered just in time; on one GPU this
-# measures the streaming path's cost). E.g. "int8+zero3+offload".
-SUFFIXES = {"offload": ["--offload_param", "cpu"], "zero3": ["--zero_stage", "3"]}
+# measures the streaming path's cost); "+offload_opt" = offload_optimizer "cpu". E.g.
+# "int8+zero3+offload", "full+offload_opt".
+SUFFIXES = {"offload": ["--offload_param", "cpu"], "zero3": ["--zero_stage", "3"],
+            "offload_opt": ["--offload_optimizer", "cpu"]}  # masters + AdamW state in host memory
 
 
 def mode_args(mode):

@@ -74,10 +74,13 @@ std::unique_ptr<StepRunner> make_step_runner(TrainBackend& model, LoraAdapter& a
                                              int stage, Communicator& comm,
                                              const AdamWHyper& h, bool offload_optimizer) {
 #if FTUNE_HAVE_CUDA
+  // FTUNE_HOST_OPTIMIZER=1 (tests): the host runner, the adapter crossing PCIe per micro-batch.
   const char* force_host = std::getenv("FTUNE_HOST_OPTIMIZER");
-  const bool host = offload_optimizer ||
-                    (force_host && *force_host && std::string(force_host) != "0");
-  if (!host && dynamic_cast<CudaTransformer*>(&model) && (comm.size() == 1 || nccl_available()))
+  const bool host = force_host && *force_host && std::string(force_host) != "0";
+  const bool gpu = dynamic_cast<CudaTransformer*>(&model) != nullptr;
+  if (!host && gpu && offload_optimizer)
+    return make_cuda_offload_step_runner(model, adapter, stage, comm, h);
+  if (!host && gpu && (comm.size() == 1 || nccl_available()))
     return make_cuda_step_runner(model, adapter, stage, comm, h);
 #else
   (void)offload_optimizer;  // on the CPU backend everything is in host memory anyway
@@ -88,6 +91,10 @@ std::unique_ptr<StepRunner> make_step_runner(TrainBackend& model, LoraAdapter& a
 #if !FTUNE_HAVE_CUDA
 std::unique_ptr<StepRunner> make_cuda_step_runner(TrainBackend&, LoraAdapter&, int,
                                                   Communicator&, const AdamWHyper&) {
+  throw std::runtime_error("this ftune was built without the CUDA backend");
+}
+std::unique_ptr<StepRunner> make_cuda_offload_step_runner(TrainBackend&, LoraAdapter&, int,
+                                                          Communicator&, const AdamWHyper&) {
   throw std::runtime_error("this ftune was built without the CUDA backend");
 }
 #endif

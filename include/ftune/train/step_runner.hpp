@@ -64,5 +64,12 @@ std::unique_ptr<StepRunner> make_host_step_runner(TrainBackend& model, LoraAdapt
 std::unique_ptr<StepRunner> make_cuda_step_runner(TrainBackend& model, LoraAdapter& adapter,
                                                   int zero_stage, Communicator& comm,
                                                   const AdamWHyper& hyper);
+// offload_optimizer = "cpu" on a GPU: masters and moments on the host (ZeroAdamW), the bf16
+// copy and the gradient accumulator on the GPU; one transfer each way per optimizer step.
+// Throws unless `model` is a CudaTransformer.
+std::unique_ptr<StepRunner> make_cuda_offload_step_runner(TrainBackend& model,
+                                                          LoraAdapter& adapter, int zero_stage,
+                                                          Communicator& comm,
+                                                          const AdamWHyper& hyper);
 
 }  // namespace ftune

@@ -1,0 +1,132 @@
+// offload_optimizer = "cpu" with the CUDA backend: the fp32 master weights and Adam moments
+// live in host memory (ZeroAdamW, as the host runner), while the bf16 parameter copy and the
+// fp32 gradient accumulator stay on the GPU across the micro-batches of a step. Per
+// optimizer step, not per micro-batch: one gradient copy to pinned host memory, AdamW on the
+// host (OpenMP; ZeRO collectives over the bootstrap communicator), and the updated masters
+// back as bf16 in chunks through two pinned staging buffers: the conversion kernel reads the
+// pinned chunk over PCIe (unified addressing: pinned memory is device-accessible), so no
+// device staging is needed, and the host's copy of chunk k+1 overlaps the GPU's read of k.
+// Device memory: 6 bytes per parameter (bf16 copy + fp32 gradients) instead of the GPU
+// runner's 18 (+ fp32 master, gradient, two moments). For LoRA that is a few hundred MB; for
+// full fine-tuning (use_peft = false) it is what lets a model's optimizer state exceed the GPU.
+#include "ftune/train/step_runner.hpp"
+
+#if FTUNE_HAVE_CUDA
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "ftune/kernels/cuda_device.hpp"
+#include "ftune/kernels/cuda_optim.hpp"
+#include "ftune/model/transformer_cuda.hpp"
+#include "ftune/train/zero_optimizer.hpp"
+
+namespace ftune {
+
+namespace {
+
+namespace cu = ftune::cuda;
+
+constexpr size_t kUploadChunk = size_t(16) << 20;  // floats per staged chunk (64 MiB)
+
+class CudaOffloadStepRunner final : public StepRunner {
+ public:
+  CudaOffloadStepRunner(CudaTransformer& model, LoraAdapter& adapter, int stage,
+                        Communicator& comm, const AdamWHyper& h)
+      : model_(model), adapter_(adapter), opt_(adapter.params.size(), stage, comm, h),
+        n_(adapter.params.size()), chunk_(std::min(n_, kUploadChunk)) {
+    params16_ = cu::DeviceBuffer(std::max<size_t>(n_, 1) * sizeof(cu::bf16));
+    grads_ = cu::DeviceBuffer(std::max<size_t>(n_, 1) * sizeof(float));
+    host_grads_ = cu::PinnedBuffer(std::max<size_t>(n_, 1) * sizeof(float));
+    for (int i = 0; i < 2; ++i) {
+      host_stage_[i] = cu::PinnedBuffer(std::max<size_t>(chunk_, 1) * sizeof(float));
+      staged_[i].record(model_.stream());
+    }
+    grads_.zero();
+    upload_params();
+  }
+
+  std::string describe() const override {
+    return "host AdamW (ZeRO " + std::to_string(opt_.stage()) +
+           ", offload_optimizer: gradients accumulate on the GPU, one transfer per step)";
+  }
+
+  LossSum accumulate(const MicroBatch& mb, float loss_scale, uint64_t seed) override {
+    return model_.forward_backward_on_device(mb, adapter_, params16_.as<cu::bf16>(),
+                                             grads_.as<float>(), loss_scale, seed);
+  }
+  LossSum evaluate(const MicroBatch& mb) override {
+    return model_.forward_loss_on_device(mb, adapter_, params16_.as<cu::bf16>());
+  }
+
+  double step(double lr, double max_grad_norm) override {
+    const cu::stream_t s = model_.stream();
+    float* g = host_grads_.as<float>();
+    cu::copy_to_host_async(g, grads_.get(), n_ * sizeof(float), s);
+    cu::zero_async(grads_.as<float>(), static_cast<int64_t>(n_), s);
+    cu::synchronize(s);
+    const double norm = opt_.step(adapter_.params, std::span<float>(g, n_), lr, max_grad_norm);
+    upload_params();
+    return norm;
+  }
+
+  void params_to_host(LoraAdapter& a) override {
+    if (&a != &adapter_) a.params = adapter_.params;
+  }
+  void params_from_host(const LoraAdapter& a) override {
+    if (a.params.size() != n_) throw std::runtime_error("offload step runner: adapter size changed");
+    if (&a != &adapter_) adapter_.params = a.params;
+    upload_params();
+  }
+  void set_decay_mask(std::span<const uint8_t> decays) override { opt_.set_decay_mask(decays); }
+  ShardRange owned() const override { return opt_.owned(); }
+  size_t state_bytes() const override { return opt_.state_bytes(); }
+  OptimizerShard export_shard(std::span<const float> params) override {
+    return opt_.export_shard(params);
+  }
+  void import_shard(const OptimizerShard& sh, std::span<float> params) override {
+    opt_.import_shard(sh, params);
+  }
+
+ private:
+  // The host masters -> the device's bf16 copy, chunk by chunk: staging buffer i is refilled
+  // only after the stream has consumed its previous chunk (event staged_[i]).
+  void upload_params() {
+    const cu::stream_t s = model_.stream();
+    const float* src = adapter_.params.data();
+    cu::bf16* dst = params16_.as<cu::bf16>();
+    for (size_t off = 0, k = 0; off < n_; off += chunk_, ++k) {
+      const size_t i = k % 2, len = std::min(chunk_, n_ - off);
+      staged_[i].synchronize();
+      std::memcpy(host_stage_[i].get(), src + off, len * sizeof(float));
+      cu::to_bf16(dst + off, host_stage_[i].as<float>(), static_cast<int64_t>(len), s);
+      staged_[i].record(s);
+    }
+    cu::synchronize(s);
+  }
+
+  CudaTransformer& model_;
+  LoraAdapter& adapter_;  // params: the fp32 masters, updated in place on the host
+  ZeroAdamW opt_;
+  size_t n_, chunk_;
+  cu::DeviceBuffer params16_, grads_;
+  cu::PinnedBuffer host_grads_, host_stage_[2];
+  cu::Event staged_[2];
+};
+
+}  // namespace
+
+std::unique_ptr<StepRunner> make_cuda_offload_step_runner(TrainBackend& model,
+                                                          LoraAdapter& adapter, int stage,
+                                                          Communicator& comm,
+                                                          const AdamWHyper& h) {
+  auto* cuda_model = dynamic_cast<CudaTransformer*>(&model);
+  if (!cuda_model)
+    throw std::runtime_error("make_cuda_offload_step_runner: the backend is not CUDA");
+  return std::make_unique<CudaOffloadStepRunner>(*cuda_model, adapter, stage, comm, h);
+}
+
+}  // namespace ftune
+
+#endif  // FTUNE_HAVE_CUDA
