@@ -57,7 +57,8 @@ def flops_per_token(s):  # as tools/bench_train.py: 4P + 6 L seq q_dim
 def run_case(a, shape, mode, batch, ranks=1):
     s = SHAPES[shape]
     model, data = os.path.join(a.work, "onload_" + shape), os.path.join(a.work, f"data_{shape}_big.jsonl")
-    tag = f"{shape}_{mode.replace('+', '_')}_b{batch}" + (f"_n{ranks}" if ranks > 1 else "")
+    tag = f"{shape}_{mode.replace('+', '_')}_b{batch}" + (f"_n{ranks}" if ranks > 1 else "") + \
+        (f"_gas{a.gas}" if a.gas > 1 else "")
     odir, log = os.path.join(a.work, "big_" + tag), os.path.join(a.out, f"big_{tag}.log")
     if not os.path.exists(os.path.join(model, "config.json")):
         init = [a.ftune, "init-model", "--output", model, "--weights", "on_load",
@@ -74,7 +75,7 @@ def run_case(a, shape, mode, batch, ranks=1):
                 f.write(json.dumps({"input_ids": [r.randrange(s["vocab"]) for _ in range(SEQ)]}) + "\n")
     cmd = [a.ftune, "train", "--model_name_or_path", model, "--train_file_dir", data, "--output_dir", odir,
            "--overwrite_output_dir", "true", "--device", a.device, "--per_device_train_batch_size", str(batch),
-           "--gradient_accumulation_steps", "1", "--max_steps", str(a.warmup + a.steps),
+           "--gradient_accumulation_steps", str(a.gas), "--max_steps", str(a.warmup + a.steps),
            "--gradient_checkpointing", "true", "--lora_rank", "8", "--lora_alpha", "16",
            "--lora_dropout", "0.05", "--learning_rate", "2e-5", "--logging_steps", "1",
            "--validation_split_percentage", "0", "--model_max_length", str(SEQ), "--save_steps", "0"] + mode_args(mode)
@@ -106,8 +107,9 @@ def run_case(a, shape, mode, batch, ranks=1):
                 final_loss=rows[-1]["loss"])
 
 
-def table(results, gpu):
-    out = [f"GPU: {gpu}; LoRA r8 all linear, seq {SEQ}, checkpointing on; tokens/s and peak per GPU; "
+def table(results, gpu, gas=1):
+    out = [f"GPU: {gpu}; LoRA r8 all linear, seq {SEQ}, checkpointing on, gradient accumulation {gas}; "
+           f"tokens/s and peak per GPU; "
            f"MFU = tokens/s x (4P + 6 L seq q_dim) / peak", "",
            "| shape | params | weights | GPUs | batch | tokens/s | peak GiB | MFU | setup s | status |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -128,6 +130,7 @@ def main():
     ap.add_argument("--work", default="/tmp/ftune_big")
     ap.add_argument("--cases", default="8b:bf16,8b:int8,8b:nf4,70b:nf4,70b:int8,70b:bf16")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--gas", type=int, default=1, help="gradient_accumulation_steps of every case")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=500)
     ap.add_argument("--device", default="cuda")
@@ -146,7 +149,7 @@ def main():
         results.append(run_case(a, shape, mode, int(rest[0]) if rest else 1, int(rest[1]) if len(rest) > 1 else 1))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("steps", "log_tail", "cmd")}), flush=True)
         json.dump(dict(gpu=gpu, results=results), open(os.path.join(a.out, "big_models.json"), "w"), indent=1)
-    md = table(results, gpu)
+    md = table(results, gpu, a.gas)
     open(os.path.join(a.out, "big_models.md"), "w").write(md + "\n")
     print(md)
 

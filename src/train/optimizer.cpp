@@ -1,5 +1,6 @@
 #include "ftune/train/optimizer.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -31,18 +32,35 @@ void adamw_step(std::span<float> params, std::span<const float> grads, AdamWStat
   }
 }
 
-double global_grad_norm(std::span<const float> grads) {
+double sum_of_squares(std::span<const float> x) {
+  constexpr size_t kBlock = size_t{1} << 16;
+  const int64_t blocks = static_cast<int64_t>((x.size() + kBlock - 1) / kBlock);
+  std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const size_t lo = static_cast<size_t>(b) * kBlock, hi = std::min(x.size(), lo + kBlock);
+    double ss = 0;
+    for (size_t i = lo; i < hi; ++i) ss += static_cast<double>(x[i]) * x[i];
+    partial[static_cast<size_t>(b)] = ss;
+  }
   double ss = 0;
-  for (float g : grads) ss += static_cast<double>(g) * g;
-  return std::sqrt(ss);
+  for (double p : partial) ss += p;
+  return ss;
+}
+
+double global_grad_norm(std::span<const float> grads) { return std::sqrt(sum_of_squares(grads)); }
+
+void scale_in_place(std::span<float> x, float coef) {
+  const int64_t n = static_cast<int64_t>(x.size());
+#pragma omp parallel for schedule(static) if (n > (int64_t{1} << 16))
+  for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] *= coef;
 }
 
 double clip_grad_norm(std::span<float> grads, double max_norm) {
   const double norm = global_grad_norm(grads);
   if (max_norm > 0) {
     const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0)
-      for (float& g : grads) g *= static_cast<float>(coef);
+    if (coef < 1.0) scale_in_place(grads, static_cast<float>(coef));
   }
   return norm;
 }

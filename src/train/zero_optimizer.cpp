@@ -28,8 +28,7 @@ double ZeroAdamW::step(std::span<float> params, std::span<float> grads, double l
     if (multi) comm_.reduce_scatter_sum(grads, grad_shard_);
     else std::copy(grads.begin(), grads.end(), grad_shard_.begin());
     g = grad_shard_;
-    double ss = 0;
-    for (float x : g) ss += static_cast<double>(x) * x;
+    double ss = sum_of_squares(g);
     std::span<double> ss_span(&ss, 1);
     if (multi) comm_.all_reduce_sum(ss_span);
     norm = std::sqrt(ss);
@@ -41,8 +40,7 @@ double ZeroAdamW::step(std::span<float> params, std::span<float> grads, double l
   // Same coefficient as clip_grad_norm_, applied to the owned range only.
   if (max_grad_norm > 0) {
     const double coef = max_grad_norm / (norm + 1e-6);
-    if (coef < 1.0)
-      for (float& x : g) x *= static_cast<float>(coef);
+    if (coef < 1.0) scale_in_place(g, static_cast<float>(coef));
   }
   adamw_step(params.subspan(owned_.begin, owned_.size()), g, state_, lr, hyper_, decays_);
   if (stage_ > 0 && multi) {

@@ -24,8 +24,13 @@ struct AdamWState {
 void adamw_step(std::span<float> params, std::span<const float> grads, AdamWState& state,
                 double lr, const AdamWHyper& h, std::span<const uint8_t> decays = {});
 
-// L2 norm of all gradients (computed in double).
+// Sum of squares in double, in fixed blocks of 65536 summed in order: the same bits for any
+// thread count (the blocks run in parallel).
+double sum_of_squares(std::span<const float> x);
+// L2 norm of all gradients (computed in double, as sum_of_squares).
 double global_grad_norm(std::span<const float> grads);
+// x *= coef, in parallel.
+void scale_in_place(std::span<float> x, float coef);
 
 // Scales grads so their norm is at most max_norm, as clip_grad_norm_ does
 // (coef = max_norm / (norm + 1e-6), applied when < 1). Returns the pre-clip norm.
