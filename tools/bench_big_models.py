@@ -16,7 +16,7 @@ step's metrics). tokens/s: mean over the steps after the warm-up ones; peak: ftu
 peak_gpu_mem_gib (all device memory it allocated); setup: metrics' elapsed_s at step 1 less
 that step's own time (weights made, quantised and copied; data loaded).
 """
-import argparse, json, os, random, shlex, subprocess, sys, time
+import argparse, json, os, random, shlex, shutil, subprocess, sys, time
 
 SHAPES = {  # Llama-3-8B, Llama-3-70B (and tiny, to try the tool on a CPU)
     "1b": dict(hidden=2048, layers=16, heads=32, kv=8, inter=8192, vocab=128256, tied=True),
@@ -97,9 +97,17 @@ def run_case(a, shape, mode, batch, ranks=1):
     mfile = os.path.join(odir, "metrics.jsonl")
     rows = [json.loads(l) for l in open(mfile) if '"tokens_per_s"' in l] if rc == 0 and os.path.exists(mfile) else []
     timed = [r for r in rows if r["step"] > a.warmup]
+    # Only metrics.jsonl is kept: a full fine-tuning case writes the whole model (5 GB at 1B,
+    # 32 GB at 8B), and the next cases need the disk.
+    if os.path.isdir(odir):
+        for name in os.listdir(odir):
+            if name != "metrics.jsonl":
+                p = os.path.join(odir, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
     if not timed:
         oom = any("out of memory" in l.lower() for l in lines[-30:])
-        return dict(res, error="OOM" if oom else "timeout" if rc == 124 else f"failed (rc {rc})")
+        last = next((l for l in reversed(lines) if "error" in l.lower()), lines[-1] if lines else "")
+        return dict(res, error="OOM" if oom else "timeout" if rc == 124 else f"failed (rc {rc}): {last[:200]}")
     tps = sum(r["tokens_per_s"] for r in timed) / len(timed) / ranks  # per GPU
     peaks = [r["peak_gpu_mem_gib"] for r in rows if r.get("peak_gpu_mem_gib") is not None]
     return dict(res, tokens_per_s=tps, peak_gib=max(peaks) if peaks else None, steps=rows,
