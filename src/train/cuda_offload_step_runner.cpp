@@ -2,10 +2,10 @@
 // live in host memory (ZeroAdamW, as the host runner), while the bf16 parameter copy and the
 // fp32 gradient accumulator stay on the GPU across the micro-batches of a step. Per
 // optimizer step, not per micro-batch: one gradient copy to pinned host memory, AdamW on the
-// host (OpenMP; ZeRO collectives over the bootstrap communicator), and the updated masters
-// back as bf16 in chunks through two pinned staging buffers: the conversion kernel reads the
-// pinned chunk over PCIe (unified addressing: pinned memory is device-accessible), so no
-// device staging is needed, and the host's copy of chunk k+1 overlaps the GPU's read of k.
+// host (OpenMP; ZeRO collectives over the bootstrap communicator) chunk by chunk, and the
+// masters back as bf16 through two pinned staging buffers: the conversion kernel reads a
+// staged chunk over PCIe (unified addressing: pinned memory is device-accessible, so no
+// device staging) while the host updates and stages the next one.
 // Device memory: 6 bytes per parameter (bf16 copy + fp32 gradients) instead of the GPU
 // runner's 18 (+ fp32 master, gradient, two moments). For LoRA that is a few hundred MB; for
 // full fine-tuning (use_peft = false) it is what lets a model's optimizer state exceed the GPU.
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
@@ -77,8 +78,15 @@ class CudaOffloadStepRunner final : public StepRunner {
     cu::copy_to_host_async(g, grads_.get(), n_ * sizeof(float), s);
     cu::zero_async(grads_.as<float>(), static_cast<int64_t>(n_), s);
     cu::synchronize(s);
-    const double norm = opt_.step(adapter_.params, std::span<float>(g, n_), lr, max_grad_norm);
-    upload_params();
+    const double norm = opt_.begin_step(std::span<float>(g, n_), max_grad_norm);
+    if (opt_.gathers()) {  // sharded over ranks: update the shard, gather, then upload all
+      opt_.update(adapter_.params, opt_.owned().begin, opt_.owned().end, lr);
+      opt_.end_step(adapter_.params);
+      upload_params();
+    } else {  // this rank updates everything: chunk k uploads while the host updates k+1
+      upload_params([&](size_t lo, size_t hi) { opt_.update(adapter_.params, lo, hi, lr); });
+      opt_.end_step(adapter_.params);
+    }
     return norm;
   }
 
@@ -103,12 +111,16 @@ class CudaOffloadStepRunner final : public StepRunner {
  private:
   // The host masters -> the device's bf16 copy, chunk by chunk: staging buffer i is refilled
   // only after the stream has consumed its previous chunk (event staged_[i]).
-  void upload_params() {
+  // before(lo, hi), when given, runs on the host just before chunk [lo, hi) is staged (the
+  // optimizer's update of that chunk), while the GPU still reads the previous chunk.
+  template <typename Before = void (*)(size_t, size_t)>
+  void upload_params(Before before = nullptr) {
     const cu::stream_t s = model_.stream();
     const float* src = adapter_.params.data();
     cu::bf16* dst = params16_.as<cu::bf16>();
     for (size_t off = 0, k = 0; off < n_; off += chunk_, ++k) {
       const size_t i = k % 2, len = std::min(chunk_, n_ - off);
+      if constexpr (!std::is_pointer_v<Before>) before(off, off + len);
       staged_[i].synchronize();
       parallel_copy(host_stage_[i].as<float>(), src + off, len);
       cu::to_bf16(dst + off, host_stage_[i].as<float>(), static_cast<int64_t>(len), s);

@@ -8,13 +8,21 @@ namespace ftune {
 
 void adamw_step(std::span<float> params, std::span<const float> grads, AdamWState& s, double lr,
                 const AdamWHyper& h, std::span<const uint8_t> decays) {
-  if (params.size() != grads.size() || s.m.size() != params.size() ||
-      (!decays.empty() && decays.size() != params.size()))
+  if (s.m.size() != params.size() || s.v.size() != params.size())
     throw std::runtime_error("adamw_step: size mismatch");
   s.step += 1;
+  adamw_update(params, grads, s.m, s.v, s.step, lr, h, decays);
+}
+
+void adamw_update(std::span<float> params, std::span<const float> grads, std::span<float> m,
+                  std::span<float> v, int64_t step, double lr, const AdamWHyper& h,
+                  std::span<const uint8_t> decays) {
+  if (params.size() != grads.size() || m.size() != params.size() || v.size() != params.size() ||
+      (!decays.empty() && decays.size() != params.size()))
+    throw std::runtime_error("adamw_update: size mismatch");
   // Scalars as torch's single-tensor AdamW forms them (in double, applied in fp32).
-  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(s.step));
-  const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(s.step)));
+  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(step));
+  const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(step)));
   const float step_size = static_cast<float>(lr / bc1);
   const float decay = static_cast<float>(1.0 - lr * h.weight_decay);
   const float w1 = static_cast<float>(1.0 - h.beta1);
@@ -25,10 +33,10 @@ void adamw_step(std::span<float> params, std::span<const float> grads, AdamWStat
   for (int64_t i = 0; i < n; ++i) {
     const float g = grads[i];
     if (decays.empty() || decays[i]) params[i] *= decay;
-    s.m[i] += w1 * (g - s.m[i]);  // torch: exp_avg.lerp_(grad, 1 - beta1)
-    s.v[i] = s.v[i] * b2 + w2 * g * g;
-    const float denom = std::sqrt(s.v[i]) / bc2s + eps;
-    params[i] -= step_size * (s.m[i] / denom);
+    m[i] += w1 * (g - m[i]);  // torch: exp_avg.lerp_(grad, 1 - beta1)
+    v[i] = v[i] * b2 + w2 * g * g;
+    const float denom = std::sqrt(v[i]) / bc2s + eps;
+    params[i] -= step_size * (m[i] / denom);
   }
 }
 

@@ -20,34 +20,55 @@ size_t ZeroAdamW::state_bytes() const {
 
 double ZeroAdamW::step(std::span<float> params, std::span<float> grads, double lr,
                        double max_grad_norm) {
-  if (params.size() != n_ || grads.size() != n_) throw std::runtime_error("ZeroAdamW: size mismatch");
+  if (params.size() != n_) throw std::runtime_error("ZeroAdamW: size mismatch");
+  const double norm = begin_step(grads, max_grad_norm);
+  update(params, owned_.begin, owned_.end, lr);
+  end_step(params);
+  return norm;
+}
+
+double ZeroAdamW::begin_step(std::span<float> grads, double max_grad_norm) {
+  if (grads.size() != n_) throw std::runtime_error("ZeroAdamW: size mismatch");
   const bool multi = comm_.size() > 1;
-  std::span<float> g;  // the gradient of the owned range, summed over ranks
   double norm = 0;
   if (stage_ >= 2) {  // ZeRO-3 shards the adapter like ZeRO-2 (its frozen weights: the backend)
     if (multi) comm_.reduce_scatter_sum(grads, grad_shard_);
     else std::copy(grads.begin(), grads.end(), grad_shard_.begin());
-    g = grad_shard_;
-    double ss = sum_of_squares(g);
+    g_ = grad_shard_;
+    double ss = sum_of_squares(g_);
     std::span<double> ss_span(&ss, 1);
     if (multi) comm_.all_reduce_sum(ss_span);
     norm = std::sqrt(ss);
   } else {
     if (multi) comm_.all_reduce_sum(grads);
     norm = global_grad_norm(grads);
-    g = grads.subspan(owned_.begin, owned_.size());
+    g_ = grads.subspan(owned_.begin, owned_.size());
   }
   // Same coefficient as clip_grad_norm_, applied to the owned range only.
   if (max_grad_norm > 0) {
     const double coef = max_grad_norm / (norm + 1e-6);
-    if (coef < 1.0) scale_in_place(g, static_cast<float>(coef));
+    if (coef < 1.0) scale_in_place(g_, static_cast<float>(coef));
   }
-  adamw_step(params.subspan(owned_.begin, owned_.size()), g, state_, lr, hyper_, decays_);
-  if (stage_ > 0 && multi) {
+  state_.step += 1;
+  return norm;
+}
+
+void ZeroAdamW::update(std::span<float> params, size_t lo, size_t hi, double lr) {
+  if (params.size() != n_ || lo < owned_.begin || hi > owned_.end || lo > hi)
+    throw std::runtime_error("ZeroAdamW::update: range outside this rank's shard");
+  const size_t o = lo - owned_.begin, len = hi - lo;
+  std::span<const uint8_t> d;
+  if (!decays_.empty()) d = std::span<const uint8_t>(decays_).subspan(o, len);
+  adamw_update(params.subspan(lo, len), g_.subspan(o, len),
+               std::span<float>(state_.m).subspan(o, len), std::span<float>(state_.v).subspan(o, len),
+               state_.step, lr, hyper_, d);
+}
+
+void ZeroAdamW::end_step(std::span<float> params) {
+  if (gathers()) {
     std::vector<float> mine(params.begin() + owned_.begin, params.begin() + owned_.end);
     comm_.all_gather(mine, params);
   }
-  return norm;
 }
 
 void ZeroAdamW::set_decay_mask(std::span<const uint8_t> decays) {

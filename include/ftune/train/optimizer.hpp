@@ -23,6 +23,11 @@ struct AdamWState {
 // exempts biases and norm weights in full fine-tuning).
 void adamw_step(std::span<float> params, std::span<const float> grads, AdamWState& state,
                 double lr, const AdamWHyper& h, std::span<const uint8_t> decays = {});
+// The same update for elements of a vector whose moments are m, v (same length as params),
+// at optimizer step `step` (1-based; the caller counts): a step may be applied in pieces.
+void adamw_update(std::span<float> params, std::span<const float> grads, std::span<float> m,
+                  std::span<float> v, int64_t step, double lr, const AdamWHyper& h,
+                  std::span<const uint8_t> decays = {});
 
 // Sum of squares in double, in fixed blocks of 65536 summed in order: the same bits for any
 // thread count (the blocks run in parallel).

@@ -24,6 +24,17 @@ class ZeroAdamW {
   // grads: this rank's summed gradient (full length; clobbered). On return `params` (full,
   // identical on every rank) hold the updated values. Returns the pre-clip global norm.
   double step(std::span<float> params, std::span<float> grads, double lr, double max_grad_norm);
+  // step() in three phases, for a caller that moves updated pieces while others update
+  // (the CUDA offload runner): begin_step reduces the gradients, forms the norm and clips
+  // (collective; grads clobbered and kept for update, so it must outlive the step) and
+  // returns the pre-clip norm; update applies AdamW to params[lo, hi) inside owned(), the
+  // calls tiling owned() once; end_step all-gathers the parameters where the stage shards
+  // them (collective). step() = begin_step + update(owned()) + end_step.
+  double begin_step(std::span<float> grads, double max_grad_norm);
+  void update(std::span<float> params, size_t lo, size_t hi, double lr);
+  void end_step(std::span<float> params);
+  // Whether end_step moves anything (stage > 0 over several ranks).
+  bool gathers() const { return stage_ > 0 && comm_.size() > 1; }
 
   // Weight decay only where decays[i] != 0 (full length; default: everywhere).
   void set_decay_mask(std::span<const uint8_t> decays);
@@ -44,6 +55,7 @@ class ZeroAdamW {
   AdamWState state_;  // moments for owned_
   std::vector<float> grad_shard_;
   std::vector<uint8_t> decays_;  // owned range; empty = decay everything
+  std::span<float> g_;           // during a step: the clipped gradient of the owned range
 };
 
 }  // namespace ftune
