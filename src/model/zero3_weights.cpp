@@ -13,26 +13,27 @@ namespace ftune {
 Zero3LayerLayout zero3_layer_layout(const ModelConfig& c) {
   Zero3LayerLayout z;
   const std::vector<BaseWeights::Entry> entries = BaseWeights::layout(c);
-  z.layer_begin.assign(c.num_hidden_layers, 0);
-  std::vector<size_t> end(c.num_hidden_layers, 0);
-  std::vector<bool> seen(c.num_hidden_layers, false);
-  for (const auto& e : entries) {
-    if (e.layer < 0) continue;
-    if (!seen[e.layer]) z.layer_begin[e.layer] = e.offset;
-    seen[e.layer] = true;
-    end[e.layer] = e.offset + e.numel();
-  }
-  z.span = end[0] - z.layer_begin[0];
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
-    if (end[l] - z.layer_begin[l] != z.span)
-      throw std::logic_error("zero3_layer_layout: layers differ in size");
+  // Layer 0's extent; every layer must then sit at begin(l) with its tensors in the same order.
+  size_t end0 = 0;
+  bool seen = false;
+  for (const auto& e : entries)
+    if (e.layer == 0) {
+      if (!seen) z.first = e.offset;
+      seen = true;
+      end0 = e.offset + e.numel();
+    }
+  z.span = end0 - z.first;
+  for (const auto& e : entries)
+    if (e.layer >= 0 &&
+        (e.offset < z.begin(e.layer) || e.offset + e.numel() > z.begin(e.layer) + z.span))
+      throw std::logic_error("zero3_layer_layout: layers are not laid out back to back");
   // Layer 0's views, relative to its first element (every layer is laid out alike).
   Zero3LayerLayout::Offsets& o = z.offsets;
   o.w.fill(Zero3LayerLayout::kAbsent);
   o.b.fill(Zero3LayerLayout::kAbsent);
   for (const auto& e : entries) {
     if (e.layer != 0) continue;
-    const size_t at = e.offset - z.layer_begin[0];
+    const size_t at = e.offset - z.first;
     const int pi = static_cast<int>(e.proj);
     switch (e.kind) {
       case BaseWeights::Kind::input_norm: o.input_norm = at; break;
@@ -84,7 +85,7 @@ Zero3Weights::Zero3Weights(const WeightSource& src, int rank, int size, ShardGat
   std::vector<float> layer(layout_.span);
   shards_.resize(cfg_.num_hidden_layers);
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const size_t begin = layout_.layer_begin[l];
+    const size_t begin = layout_.begin(l);
     for (size_t t = 0; t < entries.size(); ++t)
       if (entries[t].layer == l)
         src.read(t, 0, entries[t].numel(), layer.data() + (entries[t].offset - begin));
@@ -93,6 +94,7 @@ Zero3Weights::Zero3Weights(const WeightSource& src, int rank, int size, ShardGat
     shards_[l].assign(layer.begin() + own.begin, layer.begin() + own.end);
   }
   gathered_.resize(layout_.span);
+  view_ = layout_.view(gathered_.data());  // the buffer never moves: one set of views
 }
 
 const LayerWeights& Zero3Weights::layer(int l) {
@@ -104,7 +106,6 @@ const LayerWeights& Zero3Weights::layer(int l) {
   else
     gather_(l, shards_[l], gathered_);
   gathered_layer_ = l;
-  view_ = layout_.view(gathered_.data());
   ++gathers_;
   return view_;
 }

@@ -3,7 +3,7 @@
 //   stage 0/1: NCCL all-reduce of the gradients;   stage 2 (and 3): NCCL reduce-scatter;
 //   squared norm (deterministic reduction; stage 2 all-reduces the shards' partial sums),
 //   clip coefficient on the device, AdamW over the owned range, NCCL all-gather of the
-//   updated masters (stages 1, 2), bf16 copy for the next forward.
+//   updated masters (stages 1-3), bf16 copy for the next forward.
 // Everything is enqueued on the model's stream, so the collectives are ordered after the
 // backward that produced the gradients; the host waits once per step, for the norm.
 // Overlapping the reduction with the backward is not done: with gradient accumulation the

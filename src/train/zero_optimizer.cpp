@@ -65,10 +65,7 @@ void ZeroAdamW::update(std::span<float> params, size_t lo, size_t hi, double lr)
 }
 
 void ZeroAdamW::end_step(std::span<float> params) {
-  if (gathers()) {
-    std::vector<float> mine(params.begin() + owned_.begin, params.begin() + owned_.end);
-    comm_.all_gather(mine, params);
-  }
+  if (gathers()) comm_.all_gather(params.subspan(owned_.begin, owned_.size()), params);
 }
 
 void ZeroAdamW::set_decay_mask(std::span<const uint8_t> decays) {

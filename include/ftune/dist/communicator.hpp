@@ -41,7 +41,8 @@ class Communicator {
   // shard_range(data.size(), r, size) in `shard` (ZeRO-2 gradient reduction).
   virtual void reduce_scatter_sum(std::span<const float> data, std::span<float> shard) = 0;
   // Each rank contributes its shard_range(full.size(), rank, size) from `shard`; every rank
-  // ends with the full vector (ZeRO-1/2 parameter gather).
+  // ends with the full vector (ZeRO-1/2 parameter gather). `shard` may be its own place in
+  // `full` (an in-place gather).
   virtual void all_gather(std::span<const float> shard, std::span<float> full) = 0;
   virtual void broadcast(std::span<std::byte> data, int root) = 0;
   // Every rank's string, in rank order (fingerprints, reachability reports).

@@ -3,8 +3,8 @@
 // are one contiguous span of the flat model (BaseWeights::layout), of the same size in every
 // layer. Rank r of W keeps only its shard of every layer's span; a layer is all-gathered just
 // before it is used and dropped when the next one is. Per-rank layer memory falls as 1/W.
-//   - Zero3LayerLayout: the span, the shards and the views into a gathered layer (shared by
-//     both backends; the CUDA one shards its own layer blocks the same way, in bytes).
+//   - Zero3LayerLayout: where each layer's span lies and the views into a gathered layer.
+//     (The CUDA backend shards its own converted layer blocks, in bytes: device_weights.cuh.)
 //   - Zero3Weights: the CPU backend's sharded model. Each rank reads its shards from the
 //     WeightSource (one layer in host memory at a time), so no rank holds the whole model.
 // Embeddings, the final norm and lm_head stay whole on every rank (DeepSpeed shards them
@@ -24,8 +24,9 @@
 namespace ftune {
 
 struct Zero3LayerLayout {
-  size_t span = 0;                   // floats per layer
-  std::vector<size_t> layer_begin;   // layer l's first element in the flat model
+  size_t span = 0;   // floats per layer
+  size_t first = 0;  // layer 0's first element in the flat model; the layers follow back to back
+  size_t begin(int64_t l) const { return first + static_cast<size_t>(l) * span; }
   // Each view's offset in floats from its layer's first element; kAbsent where the model
   // has no such tensor (biases, q/k norms).
   static constexpr size_t kAbsent = static_cast<size_t>(-1);
