@@ -138,3 +138,21 @@ TEST_CASE("cuda: deterministic sum of squares, sum and clip scale") {
     }
   }
 }
+
+TEST_CASE("cuda: sum_of_squares_blocks + sum_in_order = the host's sum_of_squares, bit for bit") {
+  REQUIRE_GPU();
+  std::mt19937 rng(23);
+  const int64_t block = static_cast<int64_t>(ftune::kSumOfSquaresBlock);
+  for (int64_t n : {int64_t{1}, block - 1, block, 3 * block + 12345, int64_t{20'000'003}}) {
+    CAPTURE(n);
+    const F g = rand_vec(rng, static_cast<size_t>(n), 3e-2f);
+    auto dG = cu::to_device(g);
+    const int64_t blocks = (n + block - 1) / block;
+    cu::DeviceBuffer dSums(static_cast<size_t>(blocks) * sizeof(double));
+    cu::sum_of_squares_blocks(dSums.as<double>(), dG.as<float>(), n, block, nullptr);
+    const std::vector<double> sums = cu::to_host<double>(dSums, static_cast<size_t>(blocks));
+    const double gpu = ftune::sum_in_order(sums), host = ftune::sum_of_squares(g);
+    MESSAGE("n=" << n << ": gpu " << gpu << " host " << host);
+    CHECK(std::memcmp(&gpu, &host, sizeof(double)) == 0);
+  }
+}

@@ -17,6 +17,7 @@
 #include "ftune/model/transformer_cpu.hpp"
 #include "ftune/model/weights.hpp"
 #include "ftune/train/data_stream.hpp"
+#include "ftune/train/full_finetune.hpp"
 #include "ftune/train/trainer.hpp"
 #include "test_util.hpp"
 
@@ -149,4 +150,71 @@ TEST_CASE("full fine-tuning: loss falls, HF directory out, resume bit-identical"
   d.overwrite_output_dir = false;
   CHECK_THROWS_WITH_AS(ftune::run_training(d), doctest::Contains("already holds a model"),
                        std::runtime_error);
+}
+
+TEST_CASE("save_only_model: checkpoints without optimizer state, the same model, no resume") {
+  const std::string root = setup("fullft_save_only");
+  ftune::TrainConfig c = config(root, root + "/with_state");
+  c.save_steps = 3;
+  const ftune::TrainResult with_state = ftune::run_training(c);
+  ftune::TrainConfig s = config(root, root + "/model_only");
+  s.save_steps = 3;
+  s.save_only_model = true;
+  const ftune::TrainResult model_only = ftune::run_training(s);
+  CHECK(model_only.losses == with_state.losses);
+  const fs::path ck = fs::path(root) / "model_only/checkpoint-3";
+  CHECK(fs::exists(ck / "COMPLETE"));
+  CHECK(fs::exists(ck / "model/model.safetensors"));
+  CHECK(fs::exists(ck / "trainer_state.h5"));
+  CHECK_FALSE(fs::exists(ck / "optimizer-rank-0-of-1.h5"));
+  // No final checkpoint: output_dir/model is the final save.
+  CHECK_FALSE(fs::exists(fs::path(root) / "model_only/checkpoint-6"));
+  CHECK(fs::exists(fs::path(root) / "with_state/checkpoint-6/optimizer-rank-0-of-1.h5"));
+  const ftune::BaseWeights a = ftune::load_base_weights(root + "/model_only/model");
+  const ftune::BaseWeights b = ftune::load_base_weights(root + "/with_state/model");
+  REQUIRE(a.storage.size() == b.storage.size());
+  CHECK(std::memcmp(a.storage.data(), b.storage.data(), a.storage.size() * sizeof(float)) == 0);
+  // The step-3 model is the one the full checkpoint holds.
+  const ftune::BaseWeights a3 = ftune::load_base_weights((ck / "model").string());
+  const ftune::BaseWeights b3 = ftune::load_base_weights(root + "/with_state/checkpoint-3/model");
+  CHECK(std::memcmp(a3.storage.data(), b3.storage.data(), a3.storage.size() * sizeof(float)) == 0);
+  // Resuming it says why it cannot.
+  ftune::TrainConfig r = s;
+  r.resume_from_checkpoint = ck.string();
+  CHECK_THROWS_WITH_AS(ftune::run_training(r), doctest::Contains("save_only_model"),
+                       std::runtime_error);
+}
+
+TEST_CASE("BaseWeights::adopt lends a vector the views; full_model_as_adapter moves without a copy") {
+  const ftune::ModelConfig cfg = ftune::test::qwen2_tiny_config();  // biases, tied embeddings
+  ftune::BaseWeights w;
+  w.allocate(cfg);
+  ftune::init_random_weights(w, 11, 0.1);
+  const std::vector<float> values = w.storage;
+  const float* buffer = w.storage.data();
+  ftune::LoraAdapter moved = ftune::full_model_as_adapter(std::move(w));
+  CHECK(moved.params.data() == buffer);  // the same buffer, not a copy
+  CHECK(w.storage.empty());
+  CHECK(moved.params == values);
+  CHECK(moved.slots.empty());
+  ftune::BaseWeights lent = ftune::BaseWeights::adopt(cfg, std::move(moved.params));
+  CHECK(lent.storage.data() == buffer);
+  ftune::BaseWeights fresh;
+  fresh.allocate(cfg);
+  // Every view sits where allocate() puts it.
+  auto at = [](const ftune::BaseWeights& b, const float* p) { return p ? p - b.storage.data() : -1; };
+  CHECK(at(lent, lent.embed) == at(fresh, fresh.embed));
+  CHECK(at(lent, lent.lm_head) == at(fresh, fresh.lm_head));
+  CHECK(at(lent, lent.final_norm) == at(fresh, fresh.final_norm));
+  for (size_t l = 0; l < fresh.layers.size(); ++l) {
+    CHECK(at(lent, lent.layers[l].input_norm) == at(fresh, fresh.layers[l].input_norm));
+    CHECK(at(lent, lent.layers[l].post_norm) == at(fresh, fresh.layers[l].post_norm));
+    for (int p = 0; p < ftune::kNumProj; ++p) {
+      CHECK(at(lent, lent.layers[l].w[p]) == at(fresh, fresh.layers[l].w[p]));
+      CHECK(at(lent, lent.layers[l].b[p]) == at(fresh, fresh.layers[l].b[p]));
+    }
+  }
+  std::vector<float> short_vector(10);
+  CHECK_THROWS_AS(ftune::BaseWeights::adopt(cfg, std::move(short_vector)), std::logic_error);
+  CHECK(short_vector.size() == 10);  // not taken when refused
 }

@@ -107,3 +107,44 @@ TEST_CASE("ZeroAdamW: begin_step + chunked update + end_step = step(), every sta
     CHECK_THROWS(b.update(pb, 0, n + 1, 1e-3));
   }
 }
+
+TEST_CASE("ZeroAdamW: a streamed step (norm from block sums, gradient in chunks) = step()") {
+  auto comm = make_single_rank_communicator();
+  const size_t n = 200003;  // three sum-of-squares blocks and a ragged fourth
+  std::vector<uint8_t> decays(n);
+  for (size_t i = 0; i < n; ++i) decays[i] = i % 3 != 0;
+  for (int stage : {0, 2}) {
+    for (double max_norm : {1.0, 0.0}) {  // clipping active, and off
+      CAPTURE(stage);
+      CAPTURE(max_norm);
+      AdamWHyper h;
+      h.weight_decay = 0.05;
+      ZeroAdamW a(n, stage, *comm, h), b(n, stage, *comm, h);
+      a.set_decay_mask(decays);
+      b.set_decay_mask(decays);
+      std::vector<float> pa = randn(n, 5), pb = pa;
+      for (int step = 0; step < 3; ++step) {
+        std::vector<float> ga = randn(n, 40 + step), gb = ga;
+        // The block sums as the GPU forms them (cuda::sum_of_squares_blocks), summed in order.
+        std::vector<double> blocks;
+        for (size_t lo = 0; lo < n; lo += kSumOfSquaresBlock) {
+          double ss = 0;
+          for (size_t i = lo; i < std::min(n, lo + kSumOfSquaresBlock); ++i)
+            ss += static_cast<double>(gb[i]) * gb[i];
+          blocks.push_back(ss);
+        }
+        CHECK(sum_in_order(blocks) == sum_of_squares(gb));
+        const double na = a.step(pa, ga, 2e-3, max_norm);
+        const double nb = b.begin_streamed_step(sum_in_order(blocks), max_norm);
+        for (size_t lo = 0; lo < n; lo += 70000) {
+          const size_t len = std::min<size_t>(70000, n - lo);
+          b.update_streamed(pb, lo, std::span<float>(gb).subspan(lo, len), 2e-3);
+        }
+        CHECK(na == nb);
+      }
+      CHECK(same_bits(pa, pb));
+      std::vector<float> g(10);
+      CHECK_THROWS(b.update_streamed(pb, n - 5, g, 1e-3));  // past the end
+    }
+  }
+}

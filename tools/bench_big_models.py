@@ -78,7 +78,10 @@ def run_case(a, shape, mode, batch, ranks=1):
            "--gradient_accumulation_steps", str(a.gas), "--max_steps", str(a.warmup + a.steps),
            "--gradient_checkpointing", "true", "--lora_rank", "8", "--lora_alpha", "16",
            "--lora_dropout", "0.05", "--learning_rate", "2e-5", "--logging_steps", "1",
-           "--validation_split_percentage", "0", "--model_max_length", str(SEQ), "--save_steps", "0"] + mode_args(mode)
+           "--validation_split_percentage", "0", "--model_max_length", str(SEQ), "--save_steps", "0",
+           # Only the final model/adapter: an 8B full fine-tuning's optimizer state (96 GB) would
+           # not fit the GPU machine's disk, and the bench deletes the outputs anyway.
+           "--save_only_model", "true"] + mode_args(mode)
     if ranks > 1:  # one process per GPU; NVLink multicast off (see the device notes)
         cmd = ["mpirun", "-np", str(ranks), "--allow-run-as-root", "--bind-to", "none",
                "-x", "NCCL_NVLS_ENABLE=0"] + cmd

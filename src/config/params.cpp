@@ -84,6 +84,9 @@ const std::vector<Param> kParams = {
     {FIELD(logging_steps), G::Logging, "Log every N optimiser steps"},
     {FIELD(save_steps), G::Logging, "Checkpoint every N steps; 0 = only the final adapter"},
     {FIELD(save_total_limit), G::Logging, "Keep at most N checkpoints; -1 = keep all"},
+    {FIELD(save_only_model), G::Logging,
+     "Checkpoints hold the adapter (or model) and trainer state, no optimizer state: not "
+     "resumable; the final save is output_dir's adapter/model alone"},
     {FIELD(eval_steps), G::Logging, "Evaluate every N steps; 0 = only at the end"},
     {FIELD(resume_from_checkpoint), G::Logging,
      "Resume from \"latest\" or a checkpoint path; empty = start fresh"},

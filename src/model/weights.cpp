@@ -85,6 +85,25 @@ std::vector<BaseWeights::Entry> BaseWeights::allocate(const ModelConfig& c) {
   std::vector<Entry> entries = layout(c);
   cfg = c;
   storage.assign(entries.back().offset + entries.back().numel(), 0.0f);
+  point_views(entries);
+  return entries;
+}
+
+BaseWeights BaseWeights::adopt(const ModelConfig& c, std::vector<float>&& values) {
+  const std::vector<Entry> entries = layout(c);
+  if (values.size() != entries.back().offset + entries.back().numel())
+    throw std::logic_error("BaseWeights::adopt: " + std::to_string(values.size()) +
+                           " values for a model of " +
+                           std::to_string(entries.back().offset + entries.back().numel()));
+  BaseWeights w;
+  w.cfg = c;
+  w.storage = std::move(values);
+  w.point_views(entries);
+  return w;
+}
+
+void BaseWeights::point_views(const std::vector<Entry>& entries) {
+  const ModelConfig& c = cfg;
   // Point the named views into storage. Entries were added in a fixed order, so walk them.
   layers.assign(c.num_hidden_layers, LayerWeights{});
   size_t i = 0;
@@ -106,7 +125,6 @@ std::vector<BaseWeights::Entry> BaseWeights::allocate(const ModelConfig& c) {
   }
   final_norm = next();
   lm_head = c.tie_word_embeddings ? embed : next();
-  return entries;
 }
 
 }  // namespace ftune

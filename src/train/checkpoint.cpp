@@ -296,7 +296,10 @@ OptimizerShard read_optimizer_resharded(const std::string& dir, uint64_t begin, 
     by_rank[r] = Source{e.path().string(), r};
   }
   if (world < 0)
-    throw std::runtime_error("checkpoint '" + dir + "' has no optimizer-rank-*-of-*.h5");
+    throw std::runtime_error("checkpoint '" + dir + "' has no optimizer-rank-*-of-*.h5 (a "
+                             "run with save_only_model = true saves no optimizer state, so its "
+                             "checkpoints cannot be resumed; start a new run from its model or "
+                             "adapter instead)");
   for (int r = 0; r < world; ++r)
     if (!by_rank.count(r))
       throw std::runtime_error("checkpoint '" + dir + "' is missing " +

@@ -1,11 +1,16 @@
 // offload_optimizer = "cpu" with the CUDA backend: the fp32 master weights and Adam moments
 // live in host memory (ZeroAdamW, as the host runner), while the bf16 parameter copy and the
 // fp32 gradient accumulator stay on the GPU across the micro-batches of a step. Per
-// optimizer step, not per micro-batch: one gradient copy to pinned host memory, AdamW on the
-// host (OpenMP; ZeRO collectives over the bootstrap communicator) chunk by chunk, and the
-// masters back as bf16 through two pinned staging buffers: the conversion kernel reads a
-// staged chunk over PCIe (unified addressing: pinned memory is device-accessible, so no
-// device staging) while the host updates and stages the next one.
+// optimizer step, not per micro-batch:
+//   - one rank: the gradient's norm is formed on the GPU (in the host's block order, so the
+//     same bits), then the gradient streams to the host in 64 MiB chunks through two pinned
+//     buffers, each chunk clipped and updated (OpenMP) while the next one downloads, and the
+//     updated masters go back as bf16 through two more: the conversion kernel reads a staged
+//     chunk over PCIe (unified addressing: pinned memory is device-accessible) while the
+//     host updates the next. Host memory: masters + moments (12 bytes per parameter) and
+//     256 MiB of staging, so an 8B model's full fine-tuning fits 128 GB of host memory.
+//   - several ranks: the whole gradient comes to pinned host memory, and the ZeRO
+//     collectives run over the bootstrap communicator, then the same chunked upload.
 // Device memory: 6 bytes per parameter (bf16 copy + fp32 gradients) instead of the GPU
 // runner's 18 (+ fp32 master, gradient, two moments). For LoRA that is a few hundred MB; for
 // full fine-tuning (use_peft = false) it is what lets a model's optimizer state exceed the GPU.
@@ -17,10 +22,12 @@
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
 #include "ftune/model/transformer_cuda.hpp"
+#include "ftune/train/optimizer.hpp"
 #include "ftune/train/zero_optimizer.hpp"
 
 namespace ftune {
@@ -47,13 +54,21 @@ class CudaOffloadStepRunner final : public StepRunner {
   CudaOffloadStepRunner(CudaTransformer& model, LoraAdapter& adapter, int stage,
                         Communicator& comm, const AdamWHyper& h)
       : model_(model), adapter_(adapter), opt_(adapter.params.size(), stage, comm, h),
-        n_(adapter.params.size()), chunk_(std::min(n_, kUploadChunk)) {
+        n_(adapter.params.size()), chunk_(std::min(n_, kUploadChunk)),
+        streamed_(comm.size() == 1) {
     params16_ = cu::DeviceBuffer(std::max<size_t>(n_, 1) * sizeof(cu::bf16));
     grads_ = cu::DeviceBuffer(std::max<size_t>(n_, 1) * sizeof(float));
-    host_grads_ = cu::PinnedBuffer(std::max<size_t>(n_, 1) * sizeof(float));
+    const size_t blocks = (n_ + kSumOfSquaresBlock - 1) / kSumOfSquaresBlock;
+    if (streamed_) {
+      block_sums_ = cu::DeviceBuffer(std::max<size_t>(blocks, 1) * sizeof(double));
+      host_block_sums_.resize(blocks);
+    } else {
+      host_grads_ = cu::PinnedBuffer(std::max<size_t>(n_, 1) * sizeof(float));
+    }
     for (int i = 0; i < 2; ++i) {
       host_stage_[i] = cu::PinnedBuffer(std::max<size_t>(chunk_, 1) * sizeof(float));
       staged_[i].record(model_.stream());
+      if (streamed_) grad_stage_[i] = cu::PinnedBuffer(std::max<size_t>(chunk_, 1) * sizeof(float));
     }
     grads_.zero();
     upload_params();
@@ -73,6 +88,7 @@ class CudaOffloadStepRunner final : public StepRunner {
   }
 
   double step(double lr, double max_grad_norm) override {
+    if (streamed_) return streamed_step(lr, max_grad_norm);
     const cu::stream_t s = model_.stream();
     float* g = host_grads_.as<float>();
     cu::copy_to_host_async(g, grads_.get(), n_ * sizeof(float), s);
@@ -109,6 +125,36 @@ class CudaOffloadStepRunner final : public StepRunner {
   }
 
  private:
+  // One rank: chunk k's gradient downloads (grad_stage_[k % 2], event fetched_) while the
+  // host updates chunk k - 1; the update of chunk k runs just before it is staged for upload.
+  double streamed_step(double lr, double max_grad_norm) {
+    const cu::stream_t s = model_.stream();
+    const float* g = grads_.as<float>();
+    cu::sum_of_squares_blocks(block_sums_.as<double>(), g, static_cast<int64_t>(n_),
+                              static_cast<int64_t>(kSumOfSquaresBlock), s);
+    cu::copy_to_host_async(host_block_sums_.data(), block_sums_.get(),
+                           host_block_sums_.size() * sizeof(double), s);
+    cu::synchronize(s);
+    const double norm = opt_.begin_streamed_step(sum_in_order(host_block_sums_), max_grad_norm);
+    auto fetch = [&](size_t off) {  // the chunk at off into grad_stage_[(off / chunk_) % 2]
+      if (off >= n_) return;
+      const size_t i = (off / chunk_) % 2, len = std::min(chunk_, n_ - off);
+      cu::copy_to_host_async(grad_stage_[i].get(), g + off, len * sizeof(float), s);
+      fetched_[i].record(s);
+    };
+    fetch(0);
+    upload_params([&](size_t lo, size_t hi) {
+      const size_t i = (lo / chunk_) % 2;
+      fetch(hi);  // the next chunk's stage was read by the previous update, which is done
+      fetched_[i].synchronize();
+      opt_.update_streamed(adapter_.params, lo,
+                           std::span<float>(grad_stage_[i].as<float>(), hi - lo), lr);
+    });
+    cu::zero_async(grads_.as<float>(), static_cast<int64_t>(n_), s);
+    cu::synchronize(s);
+    return norm;
+  }
+
   // The host masters -> the device's bf16 copy, chunk by chunk: staging buffer i is refilled
   // only after the stream has consumed its previous chunk (event staged_[i]).
   // before(lo, hi), when given, runs on the host just before chunk [lo, hi) is staged (the
@@ -133,9 +179,11 @@ class CudaOffloadStepRunner final : public StepRunner {
   LoraAdapter& adapter_;  // params: the fp32 masters, updated in place on the host
   ZeroAdamW opt_;
   size_t n_, chunk_;
-  cu::DeviceBuffer params16_, grads_;
-  cu::PinnedBuffer host_grads_, host_stage_[2];
-  cu::Event staged_[2];
+  bool streamed_;  // one rank: the gradient streams to the host in chunks (streamed_step)
+  cu::DeviceBuffer params16_, grads_, block_sums_;
+  cu::PinnedBuffer host_grads_, host_stage_[2], grad_stage_[2];
+  std::vector<double> host_block_sums_;
+  cu::Event staged_[2], fetched_[2];
 };
 
 }  // namespace

@@ -22,9 +22,23 @@ LoraAdapter full_model_as_adapter(const BaseWeights& w) {
   return a;
 }
 
-std::vector<uint8_t> full_finetune_decay_mask(const BaseWeights& w) {
-  std::vector<uint8_t> mask(w.storage.size(), 1);
-  for (const BaseWeights::Entry& e : BaseWeights::layout(w.cfg)) {
+LoraAdapter full_model_as_adapter(BaseWeights&& w) {
+  LoraAdapter a;
+  a.model = w.cfg;
+  a.spec.rank = 0;
+  a.spec.targets.fill(false);
+  a.slot_of.assign(w.cfg.num_hidden_layers * kNumProj, -1);
+  a.params = std::move(w.storage);
+  const ModelConfig c = w.cfg;
+  w = BaseWeights{};
+  w.cfg = c;
+  return a;
+}
+
+std::vector<uint8_t> full_finetune_decay_mask(const ModelConfig& c) {
+  const std::vector<BaseWeights::Entry> entries = BaseWeights::layout(c);
+  std::vector<uint8_t> mask(entries.back().offset + entries.back().numel(), 1);
+  for (const BaseWeights::Entry& e : entries) {
     // HF's forbidden name patterns: "bias", "layernorm", "rmsnorm", "norm", "_norm".
     const bool exempt = e.name.find("bias") != std::string::npos ||
                         e.name.find("norm") != std::string::npos;
@@ -53,11 +67,16 @@ LossSum FullFineTuneBackend::forward_loss(const MicroBatch& mb, const LoraAdapte
   return model_.forward_loss(mb, params);  // no slots: the base model's loss
 }
 
-void save_full_model(const std::string& dir, BaseWeights& weights, const LoraAdapter& params,
+void save_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& params,
                      const std::string& model_dir) {
-  std::copy(params.params.begin(), params.params.end(), weights.storage.begin());
+  // The writer wants named views: lend it the vector, and take it back even when it throws.
+  struct Lend {
+    LoraAdapter& p;
+    BaseWeights w;
+    ~Lend() { p.params = std::move(w.storage); }
+  } lend{params, BaseWeights::adopt(c, std::move(params.params))};
   // fp32 (the trained values as they are), split like save_pretrained past 5 GB.
-  save_hf_model_sharded(dir, weights, int64_t(5) * 1000 * 1000 * 1000);
+  save_hf_model_sharded(dir, lend.w, int64_t(5) * 1000 * 1000 * 1000);
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                         "tokenizer.model", "generation_config.json"}) {
     const fs::path src = fs::path(model_dir) / f;
@@ -66,11 +85,13 @@ void save_full_model(const std::string& dir, BaseWeights& weights, const LoraAda
   }
 }
 
-void load_full_model(const std::string& dir, const BaseWeights& weights, LoraAdapter& params) {
-  const BaseWeights saved = load_base_weights(dir, weights.cfg);
-  if (saved.storage.size() != weights.storage.size())
+void load_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& params) {
+  const size_t n = params.params.size();
+  std::vector<float>().swap(params.params);
+  BaseWeights saved = load_base_weights(dir, c);
+  if (saved.storage.size() != n)
     throw std::runtime_error("checkpoint model '" + dir + "' does not match the model's size");
-  params.params = saved.storage;
+  params.params = std::move(saved.storage);
 }
 
 }  // namespace ftune

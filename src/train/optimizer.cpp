@@ -41,7 +41,7 @@ void adamw_update(std::span<float> params, std::span<const float> grads, std::sp
 }
 
 double sum_of_squares(std::span<const float> x) {
-  constexpr size_t kBlock = size_t{1} << 16;
+  constexpr size_t kBlock = kSumOfSquaresBlock;
   const int64_t blocks = static_cast<int64_t>((x.size() + kBlock - 1) / kBlock);
   std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
 #pragma omp parallel for schedule(static) if (blocks > 1)
@@ -51,8 +51,12 @@ double sum_of_squares(std::span<const float> x) {
     for (size_t i = lo; i < hi; ++i) ss += static_cast<double>(x[i]) * x[i];
     partial[static_cast<size_t>(b)] = ss;
   }
+  return sum_in_order(partial);
+}
+
+double sum_in_order(std::span<const double> block_sums) {
   double ss = 0;
-  for (double p : partial) ss += p;
+  for (double p : block_sums) ss += p;
   return ss;
 }
 

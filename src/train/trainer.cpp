@@ -319,12 +319,13 @@ void save_checkpoint(Run& run, LoraAdapter& adapter, StepRunner& opt,
     }
   });
   on_all_ranks(run.comm, [&] {
-    write_optimizer_shard_h5((tmp / optimizer_shard_file(run.comm.rank(), run.comm.size())).string(),
-                             opt.export_shard(adapter.params), run.identity);
+    if (!run.cfg.save_only_model)
+      write_optimizer_shard_h5((tmp / optimizer_shard_file(run.comm.rank(), run.comm.size())).string(),
+                               opt.export_shard(adapter.params), run.identity);
     if (run.root) {
       write_trainer_state_h5((tmp / "trainer_state.h5").string(), state);
       if (!run.cfg.use_peft) {  // full fine-tuning: the whole model, as an HF directory
-        save_full_model((tmp / "model").string(), run.weights, adapter, run.cfg.model_name_or_path);
+        save_full_model((tmp / "model").string(), run.mc, adapter, run.cfg.model_name_or_path);
       } else {
         write_adapter_h5((tmp / "adapter.h5").string(), adapter, run.identity);
         save_peft_adapter((tmp / "adapter").string(), adapter, run.cfg.model_name_or_path);
@@ -396,7 +397,10 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       if (cfg.load_in_4bit) apply_nf4_roundtrip(run.weights);
     }
     if (!cfg.use_peft) {  // full fine-tuning: every base weight is trained
-      adapter = full_model_as_adapter(run.weights);
+      // The CPU computes with run.weights (each micro-step copies the parameters in); the
+      // GPU from its own copy, so there the host holds the fp32 model once, as the masters.
+      adapter = run.on_cuda ? full_model_as_adapter(std::move(run.weights))
+                            : full_model_as_adapter(run.weights);
       return;
     }
     LoraSpec spec;
@@ -461,7 +465,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                               cfg.offload_optimizer == "cpu");
   });
   StepRunner& opt = *runner;
-  if (!cfg.use_peft && cfg.weight_decay > 0) opt.set_decay_mask(full_finetune_decay_mask(run.weights));
+  if (!cfg.use_peft && cfg.weight_decay > 0) opt.set_decay_mask(full_finetune_decay_mask(run.mc));
 
   // ---- resume
   int64_t start_step = 0;
@@ -479,16 +483,16 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       if (cfg.use_peft)
         read_adapter_h5((fs::path(dir) / "adapter.h5").string(), adapter, run.identity);
       else
-        load_full_model((fs::path(dir) / "model").string(), run.weights, adapter);
+        load_full_model((fs::path(dir) / "model").string(), run.mc, adapter);
       const ShardRange own = opt.owned();
       // The shards' master weights are the adapter's fp32 values (both are written from the
       // same vector), so adapter.h5 supplies the whole vector and the shards must agree.
-      std::vector<float> masters = adapter.params;
-      opt.import_shard(read_optimizer_resharded(dir, own.begin, own.end, run.identity), masters);
-      if (!std::equal(masters.begin() + own.begin, masters.begin() + own.end,
-                      adapter.params.begin() + own.begin))
+      const OptimizerShard shard = read_optimizer_resharded(dir, own.begin, own.end, run.identity);
+      if (shard.master.size() != own.size() ||
+          !std::equal(shard.master.begin(), shard.master.end(), adapter.params.begin() + own.begin))
         throw std::runtime_error("checkpoint '" + dir + "': the optimizer shards' master "
                                  "weights differ from adapter.h5 (files from different saves?)");
+      opt.import_shard(shard, adapter.params);
       opt.params_from_host(adapter);
       const TrainerState st = read_trainer_state_h5((fs::path(dir) / "trainer_state.h5").string());
       if (st.seed != static_cast<uint64_t>(cfg.seed))
@@ -660,9 +664,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   if (!run.evals.empty()) run_eval(total_steps);
 
   // ---- final outputs: a checkpoint (resumable) and the PEFT adapter (full fine-tuning: the
-  // HF model directory output_dir/model).
+  // HF model directory output_dir/model). save_only_model: the checkpoint would repeat the
+  // adapter/model without what makes it resumable (an 8B model's optimizer state is 96 GB).
   opt.params_to_host(adapter);
-  if (start_step < total_steps) save_checkpoint(run, adapter, opt, trainer_state(total_steps));
+  if (start_step < total_steps && !cfg.save_only_model)
+    save_checkpoint(run, adapter, opt, trainer_state(total_steps));
   const std::string product_dir =
       (fs::path(cfg.output_dir) / (cfg.use_peft ? "adapter" : "model")).string();
   on_all_ranks(comm, [&] {
@@ -670,7 +676,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     if (cfg.use_peft)
       save_peft_adapter(product_dir, adapter, cfg.model_name_or_path);
     else
-      save_full_model(product_dir, run.weights, adapter, cfg.model_name_or_path);
+      save_full_model(product_dir, run.mc, adapter, cfg.model_name_or_path);
   });
   result.seconds = seconds_since(t_start);
   {

@@ -10,7 +10,7 @@ ZeroAdamW::ZeroAdamW(size_t n, int stage, Communicator& comm, const AdamWHyper& 
   if (stage < 0 || stage > 3) throw std::runtime_error("zero_stage must be 0, 1, 2 or 3");
   owned_ = stage == 0 ? ShardRange{0, n} : shard_range(n, comm.rank(), comm.size());
   state_.resize(owned_.size());
-  if (stage >= 2) grad_shard_.resize(owned_.size());
+  if (stage >= 2 && comm.size() > 1) grad_shard_.resize(owned_.size());
 }
 
 size_t ZeroAdamW::state_bytes() const {
@@ -31,13 +31,12 @@ double ZeroAdamW::begin_step(std::span<float> grads, double max_grad_norm) {
   if (grads.size() != n_) throw std::runtime_error("ZeroAdamW: size mismatch");
   const bool multi = comm_.size() > 1;
   double norm = 0;
-  if (stage_ >= 2) {  // ZeRO-3 shards the adapter like ZeRO-2 (its frozen weights: the backend)
-    if (multi) comm_.reduce_scatter_sum(grads, grad_shard_);
-    else std::copy(grads.begin(), grads.end(), grad_shard_.begin());
+  if (stage_ >= 2 && multi) {  // ZeRO-3 shards the adapter like ZeRO-2 (its frozen weights: the backend)
+    comm_.reduce_scatter_sum(grads, grad_shard_);
     g_ = grad_shard_;
     double ss = sum_of_squares(g_);
     std::span<double> ss_span(&ss, 1);
-    if (multi) comm_.all_reduce_sum(ss_span);
+    comm_.all_reduce_sum(ss_span);
     norm = std::sqrt(ss);
   } else {
     if (multi) comm_.all_reduce_sum(grads);
@@ -62,6 +61,30 @@ void ZeroAdamW::update(std::span<float> params, size_t lo, size_t hi, double lr)
   adamw_update(params.subspan(lo, len), g_.subspan(o, len),
                std::span<float>(state_.m).subspan(o, len), std::span<float>(state_.v).subspan(o, len),
                state_.step, lr, hyper_, d);
+}
+
+double ZeroAdamW::begin_streamed_step(double sum_sq, double max_grad_norm) {
+  if (comm_.size() != 1) throw std::logic_error("ZeroAdamW: a streamed step is for one rank");
+  const double norm = std::sqrt(sum_sq);
+  clip_ = 1.0f;
+  if (max_grad_norm > 0) {  // begin_step's coefficient
+    const double coef = max_grad_norm / (norm + 1e-6);
+    if (coef < 1.0) clip_ = static_cast<float>(coef);
+  }
+  state_.step += 1;
+  return norm;
+}
+
+void ZeroAdamW::update_streamed(std::span<float> params, size_t lo, std::span<float> grads,
+                                double lr) {
+  const size_t len = grads.size();
+  if (params.size() != n_ || lo + len > n_)
+    throw std::runtime_error("ZeroAdamW::update_streamed: range outside the vector");
+  if (clip_ < 1.0f) scale_in_place(grads, clip_);
+  std::span<const uint8_t> d;
+  if (!decays_.empty()) d = std::span<const uint8_t>(decays_).subspan(lo, len);
+  adamw_update(params.subspan(lo, len), grads, std::span<float>(state_.m).subspan(lo, len),
+               std::span<float>(state_.v).subspan(lo, len), state_.step, lr, hyper_, d);
 }
 
 void ZeroAdamW::end_step(std::span<float> params) {

@@ -72,6 +72,7 @@ struct TrainConfig {
   int64_t logging_steps = 1;
   int64_t save_steps = 0;                  // 0 = no intermediate checkpoints
   int64_t save_total_limit = -1;           // -1 = keep all
+  bool save_only_model = false;            // checkpoints without optimizer state
   int64_t eval_steps = 0;                  // 0 = evaluate only at the end
   std::string resume_from_checkpoint;      // "" | "latest" | PATH
   std::string report_to = "none";

@@ -45,6 +45,13 @@ constexpr int64_t kReduceWorkspaceFloats = 1024;
 void reduce_sum(float* out, const float* x, int64_t n, bool square, bool accumulate,
                 float* workspace, stream_t stream);
 
+// block_sums[b] = sum of x[i]^2 over block b = [b * block, (b + 1) * block) (cut at n), in
+// double, in order: exactly the host's sum_of_squares partials (train/optimizer.hpp) when
+// block = kSumOfSquaresBlock, so the offload runner's norm matches the host runner's bit for
+// bit. ceil(n / block) values.
+void sum_of_squares_blocks(double* block_sums, const float* x, int64_t n, int64_t block,
+                           stream_t stream);
+
 // From *sumsq: *norm = sqrt(sumsq), *scale = max_norm / (norm + 1e-6) when that is < 1 and
 // max_norm > 0, else 1 (torch's clip_grad_norm_ coefficient). norm may be null.
 void clip_scale(float* scale, float* norm, const float* sumsq, double max_norm,

@@ -61,6 +61,13 @@ struct BaseWeights {
   // Lays out `storage` for cfg and points every view into it (values zeroed).
   // Returns the HF tensor names with their offsets/sizes, for loaders and writers.
   std::vector<Entry> allocate(const ModelConfig& c);
+  // Weights whose storage is `values` (laid out as allocate(c) lays it out; moved in only
+  // once its size matches): lends a parameter vector the named views without a copy (full
+  // fine-tuning's saves).
+  static BaseWeights adopt(const ModelConfig& c, std::vector<float>&& values);
+
+ private:
+  void point_views(const std::vector<Entry>& entries);
 };
 
 }  // namespace ftune

@@ -18,9 +18,12 @@ namespace ftune {
 
 // rank 0, no slots, params = a copy of w.storage.
 LoraAdapter full_model_as_adapter(const BaseWeights& w);
-// 1 where AdamW's weight decay applies, per parameter of w.storage: as HF's Trainer
+// The same without the copy: w.storage moves into params and w keeps only its config (the
+// CUDA backend computes from its own bf16 copy, so host memory holds the model once).
+LoraAdapter full_model_as_adapter(BaseWeights&& w);
+// 1 where AdamW's weight decay applies, per parameter of the layout: as HF's Trainer
 // (get_decay_parameter_names), every tensor but biases and norm weights.
-std::vector<uint8_t> full_finetune_decay_mask(const BaseWeights& w);
+std::vector<uint8_t> full_finetune_decay_mask(const ModelConfig& c);
 
 class FullFineTuneBackend final : public TrainBackend {
  public:
@@ -40,11 +43,13 @@ class FullFineTuneBackend final : public TrainBackend {
 };
 
 // Writes the current parameters as an HF model directory (config.json + fp32
-// model.safetensors, or 5 GB shards with model.safetensors.index.json) into dir, with the tokenizer files of model_dir copied beside them so
-// transformers loads it as it is.
-void save_full_model(const std::string& dir, BaseWeights& weights, const LoraAdapter& params,
+// model.safetensors, or 5 GB shards with model.safetensors.index.json) into dir, with the
+// tokenizer files of model_dir copied beside them so transformers loads it as it is.
+// params.params is lent to the writer (BaseWeights::adopt) and back, not copied.
+void save_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& params,
                      const std::string& model_dir);
-// Reads a directory save_full_model wrote into params (shape checked against weights).
-void load_full_model(const std::string& dir, const BaseWeights& weights, LoraAdapter& params);
+// Reads a directory save_full_model wrote into params (shape checked against c). The old
+// values are released first, so host memory holds the model once while reading.
+void load_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& params);
 
 }  // namespace ftune

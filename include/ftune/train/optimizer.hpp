@@ -29,9 +29,13 @@ void adamw_update(std::span<float> params, std::span<const float> grads, std::sp
                   std::span<float> v, int64_t step, double lr, const AdamWHyper& h,
                   std::span<const uint8_t> decays = {});
 
-// Sum of squares in double, in fixed blocks of 65536 summed in order: the same bits for any
-// thread count (the blocks run in parallel).
+// Sum of squares in double, in fixed blocks of kSumOfSquaresBlock elements: each block's
+// squares added in order from 0.0 (no fused multiply-add), then the block sums in order.
+// The same bits for any thread count (the blocks run in parallel), and for the GPU's
+// cuda::sum_of_squares_blocks followed by sum_in_order.
+inline constexpr size_t kSumOfSquaresBlock = size_t{1} << 16;
 double sum_of_squares(std::span<const float> x);
+double sum_in_order(std::span<const double> block_sums);
 // L2 norm of all gradients (computed in double, as sum_of_squares).
 double global_grad_norm(std::span<const float> grads);
 // x *= coef, in parallel.

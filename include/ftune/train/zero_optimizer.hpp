@@ -35,6 +35,13 @@ class ZeroAdamW {
   void end_step(std::span<float> params);
   // Whether end_step moves anything (stage > 0 over several ranks).
   bool gathers() const { return stage_ > 0 && comm_.size() > 1; }
+  // One rank whose gradient is not in host memory as a whole (the CUDA offload runner
+  // streams it from the GPU in chunks): begin_streamed_step takes the gradient's sum of
+  // squares, formed in sum_of_squares' order, and returns the pre-clip norm; each
+  // update_streamed clips `grads` (the gradient of params[lo, lo + grads.size()); clobbered)
+  // and applies AdamW there, the calls tiling the vector once. Same values as step().
+  double begin_streamed_step(double sum_of_squares, double max_grad_norm);
+  void update_streamed(std::span<float> params, size_t lo, std::span<float> grads, double lr);
 
   // Weight decay only where decays[i] != 0 (full length; default: everywhere).
   void set_decay_mask(std::span<const uint8_t> decays);
@@ -56,6 +63,7 @@ class ZeroAdamW {
   std::vector<float> grad_shard_;
   std::vector<uint8_t> decays_;  // owned range; empty = decay everything
   std::span<float> g_;           // during a step: the clipped gradient of the owned range
+  float clip_ = 1.0f;            // during a streamed step: the clipping coefficient (1: none)
 };
 
 }  // namespace ftune

@@ -64,6 +64,21 @@ __global__ void clip_scale_kernel(float* scale, float* norm, const float* sumsq,
   if (norm) *norm = static_cast<float>(nrm);
 }
 
+// One thread per block of `block` values, squares added in order in double with the
+// rounding of separate multiply and add (the host's sum_of_squares, element for element).
+__global__ void sum_of_squares_blocks_kernel(double* out, const float* __restrict__ x,
+                                             int64_t n, int64_t block, int64_t blocks) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= blocks) return;
+  const int64_t lo = b * block, hi = min(n, lo + block);
+  double ss = 0.0;
+  for (int64_t i = lo; i < hi; ++i) {
+    const double v = static_cast<double>(x[i]);
+    ss = __dadd_rn(ss, __dmul_rn(v, v));
+  }
+  out[b] = ss;
+}
+
 __global__ void scale_kernel(float* x, int64_t n, const float* scale) {
   const float s = *scale;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -120,6 +135,16 @@ void reduce_sum(float* out, const float* x, int64_t n, bool square, bool accumul
     FTUNE_CUDA_LAUNCH_CHECK();
   }
   reduce_final_kernel<<<1, 1024, 0, stream>>>(out, workspace, blocks, accumulate);
+  FTUNE_CUDA_LAUNCH_CHECK();
+}
+
+void sum_of_squares_blocks(double* block_sums, const float* x, int64_t n, int64_t block,
+                           stream_t stream) {
+  if (n <= 0) return;
+  const int64_t blocks = (n + block - 1) / block;
+  const int threads = 128;
+  sum_of_squares_blocks_kernel<<<static_cast<unsigned>((blocks + threads - 1) / threads),
+                                 threads, 0, stream>>>(block_sums, x, n, block, blocks);
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 
