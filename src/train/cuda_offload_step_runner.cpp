@@ -4,10 +4,10 @@
 // optimizer step, not per micro-batch:
 //   - one rank: the gradient's norm is formed on the GPU (in the host's block order, so the
 //     same bits), then the gradient streams to the host in 64 MiB chunks through two pinned
-//     buffers, each chunk clipped and updated (OpenMP) while the next one downloads, and the
-//     updated masters go back as bf16 through two more: the conversion kernel reads a staged
-//     chunk over PCIe (unified addressing: pinned memory is device-accessible) while the
-//     host updates the next. Host memory: masters + moments (12 bytes per parameter) and
+//     buffers, each chunk clipped, updated and staged in one pass (OpenMP) while the next
+//     one downloads; the staged masters go up as bf16 (two more pinned buffers: the
+//     conversion kernel reads a staged chunk over PCIe, pinned memory being device-
+//     accessible) while the host updates the next. Host memory: masters + moments (12 bytes per parameter) and
 //     256 MiB of staging, so an 8B model's full fine-tuning fits 128 GB of host memory.
 //   - several ranks: the whole gradient comes to pinned host memory, and the ZeRO
 //     collectives run over the bootstrap communicator, then the same chunked upload.
@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 #include "ftune/kernels/cuda_device.hpp"
@@ -100,7 +99,10 @@ class CudaOffloadStepRunner final : public StepRunner {
       opt_.end_step(adapter_.params);
       upload_params();
     } else {  // this rank updates everything: chunk k uploads while the host updates k+1
-      upload_params([&](size_t lo, size_t hi) { opt_.update(adapter_.params, lo, hi, lr); });
+      upload_params([&](size_t lo, size_t hi, float* stage) {
+        opt_.update(adapter_.params, lo, hi, lr);
+        parallel_copy(stage, adapter_.params.data() + lo, hi - lo);
+      });
       opt_.end_step(adapter_.params);
     }
     return norm;
@@ -143,12 +145,13 @@ class CudaOffloadStepRunner final : public StepRunner {
       fetched_[i].record(s);
     };
     fetch(0);
-    upload_params([&](size_t lo, size_t hi) {
+    upload_params([&](size_t lo, size_t hi, float* stage) {
       const size_t i = (lo / chunk_) % 2;
       fetch(hi);  // the next chunk's stage was read by the previous update, which is done
       fetched_[i].synchronize();
       opt_.update_streamed(adapter_.params, lo,
-                           std::span<float>(grad_stage_[i].as<float>(), hi - lo), lr);
+                           std::span<const float>(grad_stage_[i].as<float>(), hi - lo), lr,
+                           stage);
     });
     cu::zero_async(grads_.as<float>(), static_cast<int64_t>(n_), s);
     cu::synchronize(s);
@@ -156,19 +159,22 @@ class CudaOffloadStepRunner final : public StepRunner {
   }
 
   // The host masters -> the device's bf16 copy, chunk by chunk: staging buffer i is refilled
-  // only after the stream has consumed its previous chunk (event staged_[i]).
-  // before(lo, hi), when given, runs on the host just before chunk [lo, hi) is staged (the
-  // optimizer's update of that chunk), while the GPU still reads the previous chunk.
-  template <typename Before = void (*)(size_t, size_t)>
-  void upload_params(Before before = nullptr) {
+  // only after the stream has consumed its previous chunk (event staged_[i]), while the GPU
+  // still reads the other one. fill(lo, hi, stage) writes masters [lo, hi) into the stage
+  // (default: copies them; a step updates them there first).
+  void upload_params() {
+    upload_params([&](size_t lo, size_t hi, float* stage) {
+      parallel_copy(stage, adapter_.params.data() + lo, hi - lo);
+    });
+  }
+  template <typename Fill>
+  void upload_params(Fill fill) {
     const cu::stream_t s = model_.stream();
-    const float* src = adapter_.params.data();
     cu::bf16* dst = params16_.as<cu::bf16>();
     for (size_t off = 0, k = 0; off < n_; off += chunk_, ++k) {
       const size_t i = k % 2, len = std::min(chunk_, n_ - off);
-      if constexpr (!std::is_pointer_v<Before>) before(off, off + len);
       staged_[i].synchronize();
-      parallel_copy(host_stage_[i].as<float>(), src + off, len);
+      fill(off, off + len, host_stage_[i].as<float>());
       cu::to_bf16(dst + off, host_stage_[i].as<float>(), static_cast<int64_t>(len), s);
       staged_[i].record(s);
     }

@@ -16,9 +16,10 @@ void adamw_step(std::span<float> params, std::span<const float> grads, AdamWStat
 
 void adamw_update(std::span<float> params, std::span<const float> grads, std::span<float> m,
                   std::span<float> v, int64_t step, double lr, const AdamWHyper& h,
-                  std::span<const uint8_t> decays) {
+                  std::span<const uint8_t> decays, float grad_scale, std::span<float> copy_to) {
   if (params.size() != grads.size() || m.size() != params.size() || v.size() != params.size() ||
-      (!decays.empty() && decays.size() != params.size()))
+      (!decays.empty() && decays.size() != params.size()) ||
+      (!copy_to.empty() && copy_to.size() != params.size()))
     throw std::runtime_error("adamw_update: size mismatch");
   // Scalars as torch's single-tensor AdamW forms them (in double, applied in fp32).
   const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(step));
@@ -29,14 +30,18 @@ void adamw_update(std::span<float> params, std::span<const float> grads, std::sp
   const float b2 = static_cast<float>(h.beta2), w2 = static_cast<float>(1.0 - h.beta2);
   const float eps = static_cast<float>(h.eps), bc2s = static_cast<float>(bc2_sqrt);
   const int64_t n = static_cast<int64_t>(params.size());
+  const bool scaled = grad_scale != 1.0f;
+  float* out = copy_to.empty() ? nullptr : copy_to.data();
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float g = grads[i];
+    float g = grads[i];
+    if (scaled) g *= grad_scale;
     if (decays.empty() || decays[i]) params[i] *= decay;
     m[i] += w1 * (g - m[i]);  // torch: exp_avg.lerp_(grad, 1 - beta1)
     v[i] = v[i] * b2 + w2 * g * g;
     const float denom = std::sqrt(v[i]) / bc2s + eps;
     params[i] -= step_size * (m[i] / denom);
+    if (out) out[i] = params[i];
   }
 }
 

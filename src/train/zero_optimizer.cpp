@@ -75,16 +75,17 @@ double ZeroAdamW::begin_streamed_step(double sum_sq, double max_grad_norm) {
   return norm;
 }
 
-void ZeroAdamW::update_streamed(std::span<float> params, size_t lo, std::span<float> grads,
-                                double lr) {
+void ZeroAdamW::update_streamed(std::span<float> params, size_t lo,
+                                std::span<const float> grads, double lr, float* copy_to) {
   const size_t len = grads.size();
   if (params.size() != n_ || lo + len > n_)
     throw std::runtime_error("ZeroAdamW::update_streamed: range outside the vector");
-  if (clip_ < 1.0f) scale_in_place(grads, clip_);
   std::span<const uint8_t> d;
   if (!decays_.empty()) d = std::span<const uint8_t>(decays_).subspan(lo, len);
+  // One pass: clip, update, and copy out (grad_scale 1 = no clipping, as begin_step).
   adamw_update(params.subspan(lo, len), grads, std::span<float>(state_.m).subspan(lo, len),
-               std::span<float>(state_.v).subspan(lo, len), state_.step, lr, hyper_, d);
+               std::span<float>(state_.v).subspan(lo, len), state_.step, lr, hyper_, d, clip_,
+               copy_to ? std::span<float>(copy_to, len) : std::span<float>());
 }
 
 void ZeroAdamW::end_step(std::span<float> params) {

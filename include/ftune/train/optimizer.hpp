@@ -25,9 +25,13 @@ void adamw_step(std::span<float> params, std::span<const float> grads, AdamWStat
                 double lr, const AdamWHyper& h, std::span<const uint8_t> decays = {});
 // The same update for elements of a vector whose moments are m, v (same length as params),
 // at optimizer step `step` (1-based; the caller counts): a step may be applied in pieces.
+// grad_scale multiplies each gradient first (in fp32: the clipping coefficient, the same
+// bits as scale_in_place before the update); copy_to (empty, or params' length) also
+// receives the updated values (the offload runner's upload staging), in the same pass.
 void adamw_update(std::span<float> params, std::span<const float> grads, std::span<float> m,
                   std::span<float> v, int64_t step, double lr, const AdamWHyper& h,
-                  std::span<const uint8_t> decays = {});
+                  std::span<const uint8_t> decays = {}, float grad_scale = 1.0f,
+                  std::span<float> copy_to = {});
 
 // Sum of squares in double, in fixed blocks of kSumOfSquaresBlock elements: each block's
 // squares added in order from 0.0 (no fused multiply-add), then the block sums in order.

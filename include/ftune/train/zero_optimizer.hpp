@@ -38,10 +38,12 @@ class ZeroAdamW {
   // One rank whose gradient is not in host memory as a whole (the CUDA offload runner
   // streams it from the GPU in chunks): begin_streamed_step takes the gradient's sum of
   // squares, formed in sum_of_squares' order, and returns the pre-clip norm; each
-  // update_streamed clips `grads` (the gradient of params[lo, lo + grads.size()); clobbered)
-  // and applies AdamW there, the calls tiling the vector once. Same values as step().
+  // update_streamed clips `grads` (the gradient of params[lo, lo + grads.size())) and
+  // applies AdamW there, the calls tiling the vector once; copy_to (if not null) also
+  // receives the updated values. Same values as step().
   double begin_streamed_step(double sum_of_squares, double max_grad_norm);
-  void update_streamed(std::span<float> params, size_t lo, std::span<float> grads, double lr);
+  void update_streamed(std::span<float> params, size_t lo, std::span<const float> grads,
+                       double lr, float* copy_to = nullptr);
 
   // Weight decay only where decays[i] != 0 (full length; default: everywhere).
   void set_decay_mask(std::span<const uint8_t> decays);
