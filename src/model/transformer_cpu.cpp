@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "ftune/kernels/cpu_ops.hpp"
+#include "ftune/model/zero3_trained.hpp"
 #include "ftune/model/zero3_weights.hpp"
 
 namespace ftune {
@@ -72,6 +73,7 @@ std::vector<double> rope_inv_freq(const ModelConfig& c) {
 struct CpuTransformer::Impl {
   const BaseWeights* dense = nullptr;    // the whole model, or
   std::unique_ptr<Zero3Weights> zero3;  // ZeRO-3: this rank's shards, a layer gathered at a time
+  Zero3TrainedWeights* trained = nullptr;  // ZeRO-3 full fine-tuning: the trained shards
   const ModelConfig c;
   bool checkpointing;
   std::vector<double> inv_freq;
@@ -83,20 +85,34 @@ struct CpuTransformer::Impl {
   std::vector<std::vector<f32>> resid;  // residual stream entering each layer, + final
   std::vector<LayerActs> acts;          // one per layer, or one shared when checkpointing
   std::vector<f32> tmp_h, dx, dmid, dxn, dtmp, datt, dq, dk, dv, dgate, dup, dh, xd, du;
-  // Full fine-tuning: gradients of every base weight, laid out like dense->storage (null: LoRA).
+  // Full fine-tuning: gradients of every base weight (full_grads), laid out like
+  // dense->storage in `full`, or in the trained shards' block scratch under ZeRO-3.
+  bool full_grads = false;
   float* full = nullptr;
-  float* grad_of(const float* weight) const { return full + (weight - dense->storage.data()); }
+  float* grad_of(const float* weight) const {
+    return trained ? trained->grad_of(weight) : full + (weight - dense->storage.data());
+  }
 
-  // The weights, wherever they are held. layer(l) gathers under ZeRO-3 (a collective).
-  const LayerWeights& layer(int l) { return zero3 ? zero3->layer(l) : dense->layers[l]; }
-  const float* embed_table() const { return zero3 ? zero3->embed() : dense->embed; }
-  const float* final_norm_w() const { return zero3 ? zero3->final_norm() : dense->final_norm; }
-  const float* lm_head_w() const { return zero3 ? zero3->lm_head() : dense->lm_head; }
+  // The weights, wherever they are held. Under ZeRO-3 the accessors gather (collectives).
+  const LayerWeights& layer(int l) {
+    return trained ? trained->layer(l) : zero3 ? zero3->layer(l) : dense->layers[l];
+  }
+  const float* embed_table() {
+    return trained ? trained->embed() : zero3 ? zero3->embed() : dense->embed;
+  }
+  const float* final_norm_w() {
+    return trained ? trained->final_norm() : zero3 ? zero3->final_norm() : dense->final_norm;
+  }
+  const float* lm_head_w() {
+    return trained ? trained->lm_head() : zero3 ? zero3->lm_head() : dense->lm_head;
+  }
 
   LoraAdapter no_lora;  // full fine-tuning's adapter: no projection carries LoRA
 
-  Impl(const BaseWeights* weights, std::unique_ptr<Zero3Weights> shards, bool ckpt)
-      : dense(weights), zero3(std::move(shards)), c(dense ? dense->cfg : zero3->config()),
+  Impl(const BaseWeights* weights, std::unique_ptr<Zero3Weights> shards,
+       Zero3TrainedWeights* trained_shards, bool ckpt)
+      : dense(weights), zero3(std::move(shards)), trained(trained_shards),
+        c(dense ? dense->cfg : zero3 ? zero3->config() : trained->config()),
         checkpointing(ckpt), inv_freq(rope_inv_freq(c)) {
     no_lora.model = c;
     no_lora.spec.rank = 0;
@@ -185,7 +201,7 @@ struct CpuTransformer::Impl {
     const int pi = static_cast<int>(p);
     const int64_t in = proj_in_features(c, p), out = proj_out_features(c, p);
     cpu::matmul_nn<f32>(dxo, dy, this->layer(layer).w[pi], N, in, out, 1.0f, accumulate);
-    if (full) {  // dW += dy^T x, db += column sums of dy
+    if (full_grads) {  // dW += dy^T x, db += column sums of dy
       cpu::matmul_tn<f32>(grad_of(this->layer(layer).w[pi]), dy, x, out, in, N, 1.0f, true);
       if (const f32* b = this->layer(layer).b[pi]) {
         f32* db = grad_of(b);
@@ -276,7 +292,7 @@ struct CpuTransformer::Impl {
     linear_backward(dxn.data(), false, dgate.data(), A.xn2.data(), l, Proj::gate, a, U[4], grads, dropout, seed);
     linear_backward(dxn.data(), true, dup.data(), A.xn2.data(), l, Proj::up, a, U[5], grads, dropout, seed);
     cpu::rms_norm_backward<f32>(dmid.data(), dxn.data(), A.x_mid.data(), L.post_norm, A.rstd2.data(), N, H, true);
-    if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.post_norm), dxn.data(), A.x_mid.data(), A.rstd2.data(), N, H);
+    if (full_grads) cpu::rms_norm_weight_backward<f32>(grad_of(L.post_norm), dxn.data(), A.x_mid.data(), A.rstd2.data(), N, H);
 
     // Attention: x_mid = x + o(attn(rope(q), rope(k), v))
     linear_backward(datt.data(), false, dmid.data(), A.att.data(), l, Proj::o, a, U[3], grads, dropout, seed);
@@ -288,10 +304,10 @@ struct CpuTransformer::Impl {
     if (c.qk_norm) {
       // dtmp holds the pre-norm gradient; copy back so dq/dk are w.r.t. the projections.
       cpu::rms_norm_backward<f32>(dtmp.data(), dq.data(), A.q_pre.data(), L.q_norm, A.rstd_q.data(), N * Hq, d, false);
-      if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.q_norm), dq.data(), A.q_pre.data(), A.rstd_q.data(), N * Hq, d);
+      if (full_grads) cpu::rms_norm_weight_backward<f32>(grad_of(L.q_norm), dq.data(), A.q_pre.data(), A.rstd_q.data(), N * Hq, d);
       std::copy_n(dtmp.data(), N * c.q_dim(), dq.data());
       cpu::rms_norm_backward<f32>(dtmp.data(), dk.data(), A.k_pre.data(), L.k_norm, A.rstd_k.data(), N * Hkv, d, false);
-      if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.k_norm), dk.data(), A.k_pre.data(), A.rstd_k.data(), N * Hkv, d);
+      if (full_grads) cpu::rms_norm_weight_backward<f32>(grad_of(L.k_norm), dk.data(), A.k_pre.data(), A.rstd_k.data(), N * Hkv, d);
       std::copy_n(dtmp.data(), N * c.kv_dim(), dk.data());
     }
     linear_backward(dxn.data(), false, dq.data(), A.xn1.data(), l, Proj::q, a, U[0], grads, dropout, seed);
@@ -299,7 +315,7 @@ struct CpuTransformer::Impl {
     linear_backward(dxn.data(), true, dv.data(), A.xn1.data(), l, Proj::v, a, U[2], grads, dropout, seed);
     dx = dmid;
     cpu::rms_norm_backward<f32>(dx.data(), dxn.data(), x, L.input_norm, A.rstd1.data(), N, H, true);
-    if (full) cpu::rms_norm_weight_backward<f32>(grad_of(L.input_norm), dxn.data(), x, A.rstd1.data(), N, H);
+    if (full_grads) cpu::rms_norm_weight_backward<f32>(grad_of(L.input_norm), dxn.data(), x, A.rstd1.data(), N, H);
   }
 
   // Final norm, lm_head and cross-entropy over the rows that carry a label, in chunks so
@@ -337,13 +353,13 @@ struct CpuTransformer::Impl {
       if (!want_grad) continue;
       dxc.resize(m * H);
       cpu::matmul_nn<f32>(dxc.data(), dlogits.data(), lm_head_w(), m, H, V, 1.0f, false);
-      if (full) cpu::matmul_tn<f32>(grad_of(lm_head_w()), dlogits.data(), xc.data(), V, H, m, 1.0f, true);
+      if (full_grads) cpu::matmul_tn<f32>(grad_of(lm_head_w()), dlogits.data(), xc.data(), V, H, m, 1.0f, true);
       for (int64_t i = 0; i < m; ++i)
         std::copy_n(dxc.data() + i * H, H, dxf.data() + rows[r0 + i] * H);
     }
     if (want_grad)
       cpu::rms_norm_backward<f32>(dx.data(), dxf.data(), xl, final_norm_w(), rstd.data(), N, H, false);
-    if (want_grad && full)
+    if (want_grad && full_grads)
       cpu::rms_norm_weight_backward<f32>(grad_of(final_norm_w()), dxf.data(), xl, rstd.data(), N, H);
     return out;
   }
@@ -375,6 +391,21 @@ struct CpuTransformer::Impl {
   // gathers the other ranks run: the same layers in the same order as a real step.
   void walk_layers(bool backward) {
     const int L = static_cast<int>(c.num_hidden_layers);
+    if (trained) {  // full fine-tuning's blocks: run()'s gathers and flushes, in its order
+      embed_table();
+      for (int l = 0; l < L; ++l) layer(l);
+      final_norm_w();
+      lm_head_w();
+      if (!backward) return;
+      trained->flush_tail();
+      for (int l = L - 1; l >= 0; --l) {
+        layer(l);
+        trained->flush_layer(l);
+      }
+      embed_table();
+      trained->flush_embed();
+      return;
+    }
     for (int l = 0; l < L; ++l) layer(l);
     if (backward)
       for (int l = L - 2; l >= 0; --l) layer(l);
@@ -387,21 +418,26 @@ struct CpuTransformer::Impl {
     embed(mb);
     for (int l = 0; l < c.num_hidden_layers; ++l) layer_forward(l, mb, adapter, p, dropout_seed);
     LossSum out = head(mb, true, loss_scale);
+    if (trained) trained->flush_tail();
     for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
       // Under checkpointing the shared activations hold the last layer run: recompute.
       if (checkpointing && l != c.num_hidden_layers - 1)
         layer_forward(l, mb, adapter, p, dropout_seed);
       layer_backward(l, mb, adapter, grads, p, dropout_seed);
+      if (trained) trained->flush_layer(l);
     }
-    if (full) embed_backward(mb);
+    if (full_grads) embed_backward(mb);
+    if (trained) trained->flush_embed();
     return out;
   }
 };
 
 CpuTransformer::CpuTransformer(const BaseWeights& weights, bool gradient_checkpointing)
-    : impl_(std::make_unique<Impl>(&weights, nullptr, gradient_checkpointing)) {}
+    : impl_(std::make_unique<Impl>(&weights, nullptr, nullptr, gradient_checkpointing)) {}
 CpuTransformer::CpuTransformer(std::unique_ptr<Zero3Weights> shards, bool gradient_checkpointing)
-    : impl_(std::make_unique<Impl>(nullptr, std::move(shards), gradient_checkpointing)) {}
+    : impl_(std::make_unique<Impl>(nullptr, std::move(shards), nullptr, gradient_checkpointing)) {}
+CpuTransformer::CpuTransformer(Zero3TrainedWeights& shards, bool gradient_checkpointing)
+    : impl_(std::make_unique<Impl>(nullptr, nullptr, &shards, gradient_checkpointing)) {}
 CpuTransformer::~CpuTransformer() = default;
 
 const Zero3Weights* CpuTransformer::zero3() const { return impl_->zero3.get(); }
@@ -409,6 +445,9 @@ const Zero3Weights* CpuTransformer::zero3() const { return impl_->zero3.get(); }
 LossSum CpuTransformer::forward_backward(const MicroBatch& mb, const LoraAdapter& adapter,
                                          float* grads, float loss_scale, uint64_t dropout_seed) {
   Impl& m = *impl_;
+  if (m.trained)
+    throw std::logic_error("forward_backward: ZeRO-3 full fine-tuning trains through "
+                           "forward_backward_full");
   if (mb.num_tokens() == 0) {
     if (m.zero3) m.walk_layers(true);
     return {};
@@ -420,12 +459,19 @@ LossSum CpuTransformer::forward_backward_full(const MicroBatch& mb, float* grads
                                               float loss_scale) {
   Impl& m = *impl_;
   if (m.zero3)
-    throw std::logic_error("forward_backward_full: full fine-tuning with ZeRO-3 is not supported");
-  if (mb.num_tokens() == 0) return {};
+    throw std::logic_error("forward_backward_full: the frozen ZeRO-3 shards cannot be trained");
+  if (m.trained ? grads != nullptr : grads == nullptr)
+    throw std::logic_error("forward_backward_full: grads go to the trained shards under ZeRO-3, "
+                           "and to `grads` otherwise");
+  if (mb.num_tokens() == 0) {
+    if (m.trained) m.walk_layers(true);
+    return {};
+  }
   m.full = grads;
+  m.full_grads = true;
   struct Reset {  // LoRA steps after this one (or after a throw) form no base gradients
     Impl& m;
-    ~Reset() { m.full = nullptr; }
+    ~Reset() { m.full = nullptr; m.full_grads = false; }
   } reset{m};
   return m.run(mb, m.no_lora, nullptr, loss_scale, 0);
 }
@@ -433,7 +479,7 @@ LossSum CpuTransformer::forward_backward_full(const MicroBatch& mb, float* grads
 LossSum CpuTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& adapter) {
   Impl& m = *impl_;
   if (mb.num_tokens() == 0) {
-    if (m.zero3) m.walk_layers(false);
+    if (m.zero3 || m.trained) m.walk_layers(false);
     return {};
   }
   m.prepare(mb, adapter);

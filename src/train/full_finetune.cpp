@@ -86,7 +86,8 @@ void save_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& 
 }
 
 void load_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& params) {
-  const size_t n = params.params.size();
+  const std::vector<BaseWeights::Entry> entries = BaseWeights::layout(c);
+  const size_t n = entries.back().offset + entries.back().numel();
   std::vector<float>().swap(params.params);
   BaseWeights saved = load_base_weights(dir, c);
   if (saved.storage.size() != n)

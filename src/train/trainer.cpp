@@ -387,6 +387,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     // The CUDA backend converts (and quantises) the weights tensor by tensor as it reads
     // them; host memory never holds the fp32 model. The CPU backend computes with it.
     run.on_cuda = uses_cuda_backend(cfg, run.comm.world());
+    if (run.on_cuda && !cfg.use_peft && cfg.zero_stage == 3)
+      throw std::runtime_error(
+          "zero_stage = 3 with use_peft = false: ZeRO-3 full fine-tuning runs on the CPU "
+          "backend so far (device = \"cpu\"); on GPUs use zero_stage = 2, with "
+          "offload_optimizer = \"cpu\" when the optimizer state does not fit");
     // Full fine-tuning trains (and saves) the whole model from its host copy; ZeRO-3 on the
     // CPU reads only this rank's shards (make_backend).
     if (needs_host_weights(cfg, run.on_cuda)) {
@@ -399,8 +404,9 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     if (!cfg.use_peft) {  // full fine-tuning: every base weight is trained
       // The CPU computes with run.weights (each micro-step copies the parameters in); the
       // GPU from its own copy, so there the host holds the fp32 model once, as the masters.
-      adapter = run.on_cuda ? full_model_as_adapter(std::move(run.weights))
-                            : full_model_as_adapter(run.weights);
+      // ZeRO-3 keeps only this rank's shard (the step runner takes it; make_step_runners).
+      adapter = run.on_cuda || cfg.zero_stage == 3 ? full_model_as_adapter(std::move(run.weights))
+                                                   : full_model_as_adapter(run.weights);
       return;
     }
     LoraSpec spec;
@@ -448,8 +454,17 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   const LrSchedule sched{cfg.lr_scheduler_type, cfg.learning_rate,
                          resolve_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
                          total_steps};
+  // ZeRO-3 full fine-tuning (CPU): the step runner owns the sharded model; the host's whole
+  // vector exists only around saves and resumes (release_full_vector).
+  const bool sharded_params = !cfg.use_peft && cfg.zero_stage == 3;
+  auto release_full_vector = [&] {
+    if (sharded_params) std::vector<float>().swap(adapter.params);
+  };
+  const AdamWHyper hyper{cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay};
   std::unique_ptr<TrainBackend> backend;
-  if (cfg.use_peft)
+  if (sharded_params)
+    ;  // made with the runner below
+  else if (cfg.use_peft)
     on_all_ranks(comm, [&] {
       backend = make_backend(cfg, *run.source,
                              needs_host_weights(cfg, run.on_cuda) ? &run.weights : nullptr, comm);
@@ -460,10 +475,13 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     backend = std::make_unique<FullFineTuneBackend>(run.weights, cfg.gradient_checkpointing);
   std::unique_ptr<StepRunner> runner;
   on_all_ranks(comm, [&] {
-    runner = make_step_runner(*backend, adapter, cfg.zero_stage, comm,
-                              {cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay},
-                              cfg.offload_optimizer == "cpu");
+    runner = sharded_params
+                 ? make_zero3_full_step_runner(adapter, comm, hyper, cfg.gradient_checkpointing)
+                 : make_step_runner(*backend, adapter, cfg.zero_stage, comm, hyper,
+                                    cfg.offload_optimizer == "cpu");
   });
+  const size_t num_params = adapter.params.size();
+  release_full_vector();
   StepRunner& opt = *runner;
   if (!cfg.use_peft && cfg.weight_decay > 0) opt.set_decay_mask(full_finetune_decay_mask(run.mc));
 
@@ -494,6 +512,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                                  "weights differ from adapter.h5 (files from different saves?)");
       opt.import_shard(shard, adapter.params);
       opt.params_from_host(adapter);
+      release_full_vector();
       const TrainerState st = read_trainer_state_h5((fs::path(dir) / "trainer_state.h5").string());
       if (st.seed != static_cast<uint64_t>(cfg.seed))
         throw std::runtime_error("checkpoint '" + dir + "' was made with seed " +
@@ -533,8 +552,9 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
         << adapter.slots.size() << " projections";
     else
       s << "full fine-tuning";
-    s << " (" << adapter.params.size() << " trainable parameters)\n"
-      << "[ftune] device " << backend->name() << ", " << omp_get_max_threads()
+    s << " (" << num_params << " trainable parameters)\n"
+      << "[ftune] device " << (backend ? backend->name() : "cpu (full fine-tuning)") << ", "
+      << omp_get_max_threads()
       << " CPU threads per rank; "
       << run.train.size() << " examples, " << total_steps << " steps of "
       << cfg.per_device_train_batch_size << " x " << gas << " x " << world << " sequences";
@@ -546,8 +566,13 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                             : "\n[ftune] offload_param: projection weights in pinned host "
                               "memory, copied to the GPU a layer ahead");
     if (cfg.zero_stage == 3) {
-      s << "\n[ftune] zero_stage 3: each layer's frozen weights sharded over " << world
-        << (world == 1 ? " rank" : " ranks") << " and gathered just before use";
+      s << "\n[ftune] zero_stage 3: each layer's " << (sharded_params ? "weights" : "frozen weights")
+        << " sharded over " << world << (world == 1 ? " rank" : " ranks")
+        << " and gathered just before use";
+      if (sharded_params)
+        s << "; this rank holds "
+          << zero3_full_bytes(opt) / double(1 << 20) << " MiB of model state (host) + "
+          << opt.state_bytes() / double(1 << 20) << " MiB of optimizer state";
       if (const auto* cpu = dynamic_cast<const CpuTransformer*>(backend.get()); cpu && cpu->zero3())
         s << "; base weights held by this rank: " << cpu->zero3()->bytes() / double(1 << 20)
           << " MiB (host)";
@@ -657,8 +682,10 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
       run_eval(done);
       window_start = Clock::now();  // evaluation time is not training throughput
     }
-    if (cfg.save_steps > 0 && done % cfg.save_steps == 0 && done != total_steps)
+    if (cfg.save_steps > 0 && done % cfg.save_steps == 0 && done != total_steps) {
       save_checkpoint(run, adapter, opt, trainer_state(done));
+      release_full_vector();
+    }
   }
   if (run.root) progress.finish();
   if (!run.evals.empty()) run_eval(total_steps);

@@ -15,7 +15,8 @@
 
 namespace ftune {
 
-class Zero3Weights;  // model/zero3_weights.hpp
+class Zero3Weights;         // model/zero3_weights.hpp
+class Zero3TrainedWeights;  // model/zero3_trained.hpp
 
 class CpuTransformer final : public TrainBackend {
  public:
@@ -26,6 +27,10 @@ class CpuTransformer final : public TrainBackend {
   // is used; the same results as the whole model. Every call is then collective: all ranks
   // make the same calls in the same order (an empty micro-batch still gathers). LoRA only.
   CpuTransformer(std::unique_ptr<Zero3Weights> shards, bool gradient_checkpointing);
+  // ZeRO-3 full fine-tuning: every weight from the trained shards (gathered block by block;
+  // must outlive this), and forward_backward_full's gradients go to their accumulator
+  // (grads = nullptr). forward_backward (LoRA) is refused.
+  CpuTransformer(Zero3TrainedWeights& shards, bool gradient_checkpointing);
   ~CpuTransformer() override;
   const Zero3Weights* zero3() const;  // null unless sharded
 

@@ -72,4 +72,16 @@ std::unique_ptr<StepRunner> make_cuda_offload_step_runner(TrainBackend& model,
                                                           Communicator& comm,
                                                           const AdamWHyper& hyper);
 
+// zero_stage = 3 with use_peft = false on the CPU backend (src/train/zero3_full_step_runner.cpp):
+// the runner owns the model too. full_model: full_model_as_adapter's vector, of which this
+// rank keeps its shard_range (the caller may free the vector afterwards). Every call is
+// collective. params_to_host gathers the whole vector on every rank.
+std::unique_ptr<StepRunner> make_zero3_full_step_runner(const LoraAdapter& full_model,
+                                                        Communicator& comm,
+                                                        const AdamWHyper& hyper,
+                                                        bool gradient_checkpointing);
+// Host bytes of model state (shards, gathered blocks, gradient scratch) such a runner holds
+// on this rank; 0 for other runners.
+size_t zero3_full_bytes(const StepRunner& runner);
+
 }  // namespace ftune
