@@ -12,22 +12,27 @@ namespace fs = std::filesystem;
 
 namespace ftune {
 
-LoraAdapter full_model_as_adapter(const BaseWeights& w) {
+namespace {
+
+LoraAdapter without_slots(const ModelConfig& c) {
   LoraAdapter a;
-  a.model = w.cfg;
+  a.model = c;
   a.spec.rank = 0;
   a.spec.targets.fill(false);
-  a.slot_of.assign(w.cfg.num_hidden_layers * kNumProj, -1);
+  a.slot_of.assign(c.num_hidden_layers * kNumProj, -1);
+  return a;
+}
+
+}  // namespace
+
+LoraAdapter full_model_as_adapter(const BaseWeights& w) {
+  LoraAdapter a = without_slots(w.cfg);
   a.params = w.storage;
   return a;
 }
 
 LoraAdapter full_model_as_adapter(BaseWeights&& w) {
-  LoraAdapter a;
-  a.model = w.cfg;
-  a.spec.rank = 0;
-  a.spec.targets.fill(false);
-  a.slot_of.assign(w.cfg.num_hidden_layers * kNumProj, -1);
+  LoraAdapter a = without_slots(w.cfg);
   a.params = std::move(w.storage);
   const ModelConfig c = w.cfg;
   w = BaseWeights{};

@@ -73,12 +73,16 @@ void scale_in_place(std::span<float> x, float coef) {
   for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] *= coef;
 }
 
+float clip_coefficient(double norm, double max_norm) {
+  if (max_norm <= 0) return 1.0f;
+  const double coef = max_norm / (norm + 1e-6);
+  return coef < 1.0 ? static_cast<float>(coef) : 1.0f;
+}
+
 double clip_grad_norm(std::span<float> grads, double max_norm) {
   const double norm = global_grad_norm(grads);
-  if (max_norm > 0) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) scale_in_place(grads, static_cast<float>(coef));
-  }
+  const float coef = clip_coefficient(norm, max_norm);
+  if (coef != 1.0f) scale_in_place(grads, coef);
   return norm;
 }
 

@@ -40,13 +40,9 @@ class Zero3FullStepRunner final : public StepRunner {
     double ss = sum_of_squares(g);  // as ZeroAdamW's stage 2: the shards' sums, all-reduced
     if (comm_.size() > 1) comm_.all_reduce_sum(std::span<double>(&ss, 1));
     const double norm = std::sqrt(ss);
-    float clip = 1.0f;
-    if (max_grad_norm > 0) {
-      const double coef = max_grad_norm / (norm + 1e-6);
-      if (coef < 1.0) clip = static_cast<float>(coef);
-    }
     state_.step += 1;
-    adamw_update(shards_.params(), g, state_.m, state_.v, state_.step, lr, hyper_, decays_, clip);
+    adamw_update(shards_.params(), g, state_.m, state_.v, state_.step, lr, hyper_, decays_,
+                 clip_coefficient(norm, max_grad_norm));
     std::fill(g.begin(), g.end(), 0.0f);
     shards_.invalidate();
     return norm;

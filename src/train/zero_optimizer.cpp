@@ -44,10 +44,8 @@ double ZeroAdamW::begin_step(std::span<float> grads, double max_grad_norm) {
     g_ = grads.subspan(owned_.begin, owned_.size());
   }
   // Same coefficient as clip_grad_norm_, applied to the owned range only.
-  if (max_grad_norm > 0) {
-    const double coef = max_grad_norm / (norm + 1e-6);
-    if (coef < 1.0) scale_in_place(g_, static_cast<float>(coef));
-  }
+  const float coef = clip_coefficient(norm, max_grad_norm);
+  if (coef != 1.0f) scale_in_place(g_, coef);
   state_.step += 1;
   return norm;
 }
@@ -66,11 +64,7 @@ void ZeroAdamW::update(std::span<float> params, size_t lo, size_t hi, double lr)
 double ZeroAdamW::begin_streamed_step(double sum_sq, double max_grad_norm) {
   if (comm_.size() != 1) throw std::logic_error("ZeroAdamW: a streamed step is for one rank");
   const double norm = std::sqrt(sum_sq);
-  clip_ = 1.0f;
-  if (max_grad_norm > 0) {  // begin_step's coefficient
-    const double coef = max_grad_norm / (norm + 1e-6);
-    if (coef < 1.0) clip_ = static_cast<float>(coef);
-  }
+  clip_ = clip_coefficient(norm, max_grad_norm);
   state_.step += 1;
   return norm;
 }

@@ -45,6 +45,9 @@ double global_grad_norm(std::span<const float> grads);
 // x *= coef, in parallel.
 void scale_in_place(std::span<float> x, float coef);
 
+// clip_grad_norm_'s coefficient, max_norm / (norm + 1e-6), as the fp32 factor applied to
+// every gradient; 1 when it would not shrink them or max_norm <= 0 (no clipping).
+float clip_coefficient(double norm, double max_norm);
 // Scales grads so their norm is at most max_norm, as clip_grad_norm_ does
 // (coef = max_norm / (norm + 1e-6), applied when < 1). Returns the pre-clip norm.
 double clip_grad_norm(std::span<float> grads, double max_norm);
