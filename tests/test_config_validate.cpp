@@ -112,7 +112,7 @@ TEST_CASE("accepted but not yet supported: rejected with the key and 'planned'")
     std::string expect;
   };
   const std::vector<Case> cases = {
-      {[](TrainConfig& c) { c.zero_stage = 3; c.use_peft = false; c.device = "cuda"; }, "zero_stage = 3"},
+      {[](TrainConfig& c) { c.zero_stage = 3; c.use_peft = false; c.device = "cuda"; c.offload_optimizer = "cpu"; }, "zero_stage = 3"},
       {[](TrainConfig& c) { c.use_peft = false; c.load_in_8bit = true; }, "use_peft = false"},
       {[](TrainConfig& c) { c.use_peft = false; c.init_adapter = "runs/lora/adapter"; }, "use_peft = false"},
       {[](TrainConfig& c) { c.fp16 = true; }, "fp16 = true"},
@@ -136,6 +136,7 @@ TEST_CASE("full fine-tuning: what it cannot combine with yet is named; on its ow
   // ZeRO-3 full fine-tuning: the CPU backend (device auto is checked when the device is known).
   CHECK(rejection([](TrainConfig& c) { c.use_peft = false; c.zero_stage = 3; c.device = "cpu"; }).empty());
   CHECK(rejection([](TrainConfig& c) { c.use_peft = false; c.zero_stage = 3; }).empty());
+  CHECK(rejection([](TrainConfig& c) { c.use_peft = false; c.zero_stage = 3; c.device = "cuda"; }).empty());
 }
 
 TEST_CASE("zero_stage = 3 with LoRA passes on either device") {
@@ -147,7 +148,7 @@ TEST_CASE("zero_stage = 3 with LoRA passes on either device") {
 TEST_CASE("the parser accepts unsupported values; validation rejects them") {
   auto c = parse_train_command({"--model_name_or_path", "m", "--train_file_dir", "d",
                                 "--zero_stage", "3", "--use_peft", "false", "--fp16", "true",
-                                "--lora_rank", "0", "--device", "cuda"});
+                                "--lora_rank", "0", "--device", "cuda", "--offload_optimizer", "cpu"});
   REQUIRE(c.has_value());
   CHECK(c->zero_stage == 3);
   try {

@@ -23,9 +23,10 @@ struct NotYet {
 // ============================================================================
 const NotYet kNotYetSupported[] = {
     {"zero_stage", [](const TrainConfig& c) {
-       return c.zero_stage == 3 && !c.use_peft && c.device == "cuda"; },
-     "ZeRO-3 with full fine-tuning runs on the CPU backend so far; on GPUs it is planned: "
-     "use zero_stage = 0, 1 or 2 there (and offload_optimizer = \"cpu\"), or device = \"cpu\""},
+       return c.zero_stage == 3 && !c.use_peft && c.device == "cuda" &&
+              c.offload_optimizer == "cpu"; },
+     "ZeRO-3 full fine-tuning with offload_optimizer = \"cpu\" on GPUs is planned: use "
+     "zero_stage = 3 with the optimizer on the GPUs, or zero_stage = 2 with the offload"},
     {"use_peft", [](const TrainConfig& c) {
        return !c.use_peft && (c.load_in_8bit || c.load_in_4bit); },
      "full fine-tuning of quantised base weights is not planned (QLoRA trains adapters): "

@@ -251,4 +251,9 @@ void NcclCommunicator::all_gather_bytes(const void* send, void* recv, size_t byt
   FTUNE_NCCL_CHECK(ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream));
 }
 
+void NcclCommunicator::broadcast_bytes(void* data, size_t bytes, int root, stream_t stream) {
+  if (bytes == 0) return;
+  FTUNE_NCCL_CHECK(ncclBroadcast(data, data, bytes, ncclUint8, root, comm_, stream));
+}
+
 }  // namespace ftune

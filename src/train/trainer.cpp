@@ -387,11 +387,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     // The CUDA backend converts (and quantises) the weights tensor by tensor as it reads
     // them; host memory never holds the fp32 model. The CPU backend computes with it.
     run.on_cuda = uses_cuda_backend(cfg, run.comm.world());
-    if (run.on_cuda && !cfg.use_peft && cfg.zero_stage == 3)
+    if (run.on_cuda && !cfg.use_peft && cfg.zero_stage == 3 && cfg.offload_optimizer == "cpu")
       throw std::runtime_error(
-          "zero_stage = 3 with use_peft = false: ZeRO-3 full fine-tuning runs on the CPU "
-          "backend so far (device = \"cpu\"); on GPUs use zero_stage = 2, with "
-          "offload_optimizer = \"cpu\" when the optimizer state does not fit");
+          "zero_stage = 3 with use_peft = false and offload_optimizer = \"cpu\" on a GPU is "
+          "planned: use zero_stage = 3 with the optimizer on the GPUs, or zero_stage = 2 with "
+          "offload_optimizer = \"cpu\"");
     // Full fine-tuning trains (and saves) the whole model from its host copy; ZeRO-3 on the
     // CPU reads only this rank's shards (make_backend).
     if (needs_host_weights(cfg, run.on_cuda)) {
@@ -462,7 +462,7 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   };
   const AdamWHyper hyper{cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay};
   std::unique_ptr<TrainBackend> backend;
-  if (sharded_params)
+  if (sharded_params && !run.on_cuda)
     ;  // made with the runner below
   else if (cfg.use_peft)
     on_all_ranks(comm, [&] {
@@ -475,10 +475,16 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     backend = std::make_unique<FullFineTuneBackend>(run.weights, cfg.gradient_checkpointing);
   std::unique_ptr<StepRunner> runner;
   on_all_ranks(comm, [&] {
-    runner = sharded_params
-                 ? make_zero3_full_step_runner(adapter, comm, hyper, cfg.gradient_checkpointing)
-                 : make_step_runner(*backend, adapter, cfg.zero_stage, comm, hyper,
-                                    cfg.offload_optimizer == "cpu");
+    if (sharded_params && run.on_cuda) {
+#if FTUNE_HAVE_CUDA
+      runner = make_cuda_zero3_full_step_runner(*backend, adapter, comm, hyper);
+#endif
+    } else if (sharded_params) {
+      runner = make_zero3_full_step_runner(adapter, comm, hyper, cfg.gradient_checkpointing);
+    } else {
+      runner = make_step_runner(*backend, adapter, cfg.zero_stage, comm, hyper,
+                                cfg.offload_optimizer == "cpu");
+    }
   });
   const size_t num_params = adapter.params.size();
   release_full_vector();
@@ -570,14 +576,20 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
         << " sharded over " << world << (world == 1 ? " rank" : " ranks")
         << " and gathered just before use";
       if (sharded_params)
-        s << "; this rank holds "
-          << zero3_full_bytes(opt) / double(1 << 20) << " MiB of model state (host) + "
-          << opt.state_bytes() / double(1 << 20) << " MiB of optimizer state";
+        s << "; this rank owns " << opt.owned().size() << " of " << num_params
+          << " parameters (" << opt.state_bytes() / double(1 << 20)
+          << " MiB of optimizer state)";
+      if (sharded_params && !run.on_cuda)
+        s << " and holds " << zero3_full_bytes(opt) / double(1 << 20)
+          << " MiB of model state (host)";
       if (const auto* cpu = dynamic_cast<const CpuTransformer*>(backend.get()); cpu && cpu->zero3())
         s << "; base weights held by this rank: " << cpu->zero3()->bytes() / double(1 << 20)
           << " MiB (host)";
 #if FTUNE_HAVE_CUDA
-      if (const auto* gpu = dynamic_cast<const CudaTransformer*>(backend.get()))
+      if (const auto* gpu = dynamic_cast<const CudaTransformer*>(backend.get()); gpu && sharded_params)
+        s << "; gathered blocks and their gradient scratch: "
+          << gpu->full_sharding_bytes() / double(1 << 20) << " MiB on the GPU";
+      else if (gpu)
         s << "; base weights held by this rank: " << gpu->weight_bytes() / double(1 << 20)
           << " MiB on the GPU" << (cfg.offload_param == "cpu" ? " (layer shards in host memory)" : "");
 #endif

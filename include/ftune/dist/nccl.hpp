@@ -84,6 +84,9 @@ class NcclCommunicator {
   void all_gather(const float* send, float* recv, size_t count, stream_t stream);
   // The same over raw bytes (ZeRO-3's layer blocks, whatever their element types).
   void all_gather_bytes(const void* send, void* recv, size_t bytes, stream_t stream);
+  // In place: `bytes` at data on rank `root` reach every rank's data (ZeRO-3 full
+  // fine-tuning's block gathers, one broadcast per owner).
+  void broadcast_bytes(void* data, size_t bytes, int root, stream_t stream);
 
  private:
   NcclCommunicator(ncclComm* comm, int rank, int size, int device, GpuInfo gpu);
@@ -121,6 +124,7 @@ inline void NcclCommunicator::all_reduce_sum_bf16(cuda::bf16*, size_t, stream_t)
 inline void NcclCommunicator::reduce_scatter_sum(const float*, float*, size_t, stream_t) {}
 inline void NcclCommunicator::all_gather(const float*, float*, size_t, stream_t) {}
 inline void NcclCommunicator::all_gather_bytes(const void*, void*, size_t, stream_t) {}
+inline void NcclCommunicator::broadcast_bytes(void*, size_t, int, stream_t) {}
 inline std::vector<NcclDoctorLine> nccl_doctor_checks(Communicator&, size_t) { return {}; }
 #endif
 

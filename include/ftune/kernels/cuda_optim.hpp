@@ -57,6 +57,9 @@ void sum_of_squares_blocks(double* block_sums, const float* x, int64_t n, int64_
 void clip_scale(float* scale, float* norm, const float* sumsq, double max_norm,
                 stream_t stream);
 
+// y[i] += x[i] (a ZeRO-3 block's summed gradient into the owner's accumulator).
+void add_into(float* y, const float* x, int64_t n, stream_t stream);
+
 // grads *= *scale (for callers that want clipped grads materialised).
 void scale_inplace(float* x, int64_t n, const float* scale, stream_t stream);
 

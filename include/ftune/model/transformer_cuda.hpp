@@ -63,6 +63,24 @@ class CudaTransformer final : public TrainBackend {
   CudaTransformer(const ModelConfig& config, bool gradient_checkpointing, bool flash_attn,
                   int device, FullFineTuning);
   bool full_finetuning() const;
+  // ZeRO-3 full fine-tuning (zero_stage = 3, use_peft = false), on a FullFineTuning
+  // backend: this rank keeps only its range shard_range(n, rank, size) of the parameter
+  // vector, and the *_on_device calls then take that range's bf16 copy and fp32 gradient
+  // (params16, grads32). Each block (embedding table, layer, final norm + untied lm_head)
+  // is gathered into a device slot just before use (from each owner: `broadcast`, in rank
+  // order), and its gradient, formed in a block-sized scratch, is summed over ranks
+  // (`all_reduce_sum`) and added to the owners' range right after its backward. Every call
+  // is then collective (an empty micro-batch still gathers and flushes). Both collectives
+  // enqueue on the given stream; they may be empty when size == 1.
+  struct FullSharding {
+    int rank = 0, size = 1;
+    std::function<void(void* data, size_t bytes, int root, cuda::stream_t stream)> broadcast;
+    std::function<void(float* data, size_t n, cuda::stream_t stream)> all_reduce_sum;
+  };
+  void shard_full_finetuning(FullSharding sharding);
+  // The owned parameters changed (an optimizer step): the gathered blocks are stale.
+  void drop_gathered();
+  size_t full_sharding_bytes() const;  // the block slots and their gradient scratch
   ~CudaTransformer() override;
   CudaTransformer(const CudaTransformer&) = delete;
   CudaTransformer& operator=(const CudaTransformer&) = delete;

@@ -18,6 +18,9 @@
 #include "ftune/model/backend.hpp"
 #include "ftune/train/checkpoint.hpp"
 #include "ftune/train/optimizer.hpp"
+#if FTUNE_HAVE_CUDA
+#include "ftune/model/transformer_cuda.hpp"
+#endif
 
 namespace ftune {
 
@@ -80,6 +83,18 @@ std::unique_ptr<StepRunner> make_zero3_full_step_runner(const LoraAdapter& full_
                                                         Communicator& comm,
                                                         const AdamWHyper& hyper,
                                                         bool gradient_checkpointing);
+#if FTUNE_HAVE_CUDA
+// The same on the CUDA backend (a FullFineTuning CudaTransformer): masters, bf16 copy,
+// gradient and moments of this rank's range on its GPU, the blocks gathered by the backend.
+// Several ranks: NCCL (its own communicator). `sharding` (tests): given collectives.
+std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(TrainBackend& model,
+                                                             const LoraAdapter& full_model,
+                                                             Communicator& comm,
+                                                             const AdamWHyper& hyper);
+std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(
+    TrainBackend& model, const LoraAdapter& full_model, Communicator& comm,
+    const AdamWHyper& hyper, CudaTransformer::FullSharding sharding);
+#endif
 // Host bytes of model state (shards, gathered blocks, gradient scratch) such a runner holds
 // on this rank; 0 for other runners.
 size_t zero3_full_bytes(const StepRunner& runner);

@@ -79,6 +79,11 @@ __global__ void sum_of_squares_blocks_kernel(double* out, const float* __restric
   out[b] = ss;
 }
 
+__global__ void add_into_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] += x[i];
+}
+
 __global__ void scale_kernel(float* x, int64_t n, const float* scale) {
   const float s = *scale;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -145,6 +150,13 @@ void sum_of_squares_blocks(double* block_sums, const float* x, int64_t n, int64_
   const int threads = 128;
   sum_of_squares_blocks_kernel<<<static_cast<unsigned>((blocks + threads - 1) / threads),
                                  threads, 0, stream>>>(block_sums, x, n, block, blocks);
+  FTUNE_CUDA_LAUNCH_CHECK();
+}
+
+void add_into(float* y, const float* x, int64_t n, stream_t stream) {
+  if (n <= 0) return;
+  const int threads = 256;
+  add_into_kernel<<<grid_for(n, threads), threads, 0, stream>>>(y, x, n);
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -26,6 +27,7 @@
 #include "ftune/kernels/cuda_ops.hpp"
 #include "ftune/model/transformer_cpu.hpp"  // rope_inv_freq (host code, ftune_model)
 #include "ftune/model/transformer_cuda.hpp"
+#include "ftune/dist/shard_range.hpp"
 #include "layer_streamer.cuh"
 #include "lora_linear.cuh"
 #include "model_kernels.cuh"
@@ -97,9 +99,38 @@ struct CudaTransformer::Impl {
   std::vector<NormOff> norm_off;
   size_t embed_off = 0, final_norm_off = 0, lm_head_off = 0;
   std::vector<std::array<const bf16*, kNumProj>> full_w;
-  float* gfull = nullptr;
+  float* gfull = nullptr;  // non-null: form the weights' gradients (where: wg())
   cu::DeviceBuffer colgrad_ws, emb_uniq, emb_start, emb_order;
   int64_t emb_unique = 0;
+
+  // Where the weights and their gradients are: windows of the flat vector. Unsharded, one
+  // window holds it all (the step runner's bf16 copy and fp32 gradient). ZeRO-3
+  // (shard_full_finetuning): 0 = the embedding table, 1 = the layer gathered last, 2 = the
+  // tail (final norm, untied lm_head), each a device slot with its gradient scratch.
+  struct Window {
+    size_t lo = 0, hi = 0;
+    const bf16* p = nullptr;
+    float* g = nullptr;
+  };
+  std::array<Window, 3> win{};
+  const Window& window_of(size_t off) const {
+    for (const Window& v : win)
+      if (off >= v.lo && off < v.hi) return v;
+    throw std::logic_error("CudaTransformer: weight offset " + std::to_string(off) +
+                           " is not in a bound block");
+  }
+  const bf16* wp(size_t off) const { const Window& v = window_of(off); return v.p + (off - v.lo); }
+  float* wg(size_t off) const { const Window& v = window_of(off); return v.g + (off - v.lo); }
+
+  // ZeRO-3 full fine-tuning: this rank's range of the vector and the block slots.
+  std::optional<CudaTransformer::FullSharding> z3;
+  ShardRange z3_own;
+  size_t n_params = 0, layer0 = 0, layer_span = 0, tail_begin = 0;
+  std::array<cu::DeviceBuffer, 3> z3_slot, z3_scratch;
+  int held_layer = -1;
+  bool embed_held = false, tail_held = false;
+  const bf16* own16 = nullptr;  // the owned range's bf16 copy and gradient (the runner's)
+  float* own_g = nullptr;
 
   // Full fine-tuning: no weights of its own (the step runner's bf16 copy is read).
   Impl(const ModelConfig& cfg, bool ckpt, bool flash_attn, int dev)
@@ -137,26 +168,129 @@ struct CudaTransformer::Impl {
       }
     }
     if (lm_head_off == none) lm_head_off = embed_off;  // tied: one tensor, one gradient
+    n_params = entries.back().offset + entries.back().numel();
+    // The layers lie back to back between the embedding table and the tail (the layout
+    // model/zero3_weights.hpp checks), each a span of the same size.
+    layer0 = tail_begin = n_params;
+    for (const auto& e : entries) {
+      if (e.layer >= 0) layer0 = std::min(layer0, e.offset);
+      if (e.kind == K::final_norm) tail_begin = e.offset;
+    }
+    layer_span = c.num_hidden_layers > 0 ? (tail_begin - layer0) / c.num_hidden_layers : 0;
     note_memory();
   }
 
+  // Full fine-tuning: each call's parameters (bf16) and gradient accumulator (null: no
+  // gradients). Unsharded they are the whole vector and every view is bound here; under
+  // ZeRO-3 they are this rank's range and the views are bound block by block (use_*).
   void bind_full(const bf16* p16, float* g32) {
-    w.embed = p16 + embed_off;
-    w.final_norm = p16 + final_norm_off;
-    w.lm_head = p16 + lm_head_off;
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      cm::DeviceLayer& L = w.layers[l];
-      L.input_norm = p16 + norm_off[l].input;
-      L.post_norm = p16 + norm_off[l].post;
-      L.q_norm = c.qk_norm ? p16 + norm_off[l].q : nullptr;
-      L.k_norm = c.qk_norm ? p16 + norm_off[l].k : nullptr;
-      for (Proj p : kAllProj) {
-        const int pi = static_cast<int>(p);
-        full_w[l][pi] = p16 + w_off[l][pi];
-        L.b[pi] = b_off[l][pi] == SIZE_MAX ? nullptr : p16 + b_off[l][pi];
-      }
-    }
     gfull = g32;
+    if (z3) {
+      own16 = p16;
+      own_g = g32;
+      return;
+    }
+    win = {};
+    win[0] = Window{0, n_params, p16, g32};
+    bind_embed_views();
+    bind_tail_views();
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) bind_layer_views(static_cast<int>(l));
+  }
+  void bind_embed_views() {
+    w.embed = wp(embed_off);
+    if (lm_head_off == embed_off) w.lm_head = w.embed;
+  }
+  void bind_tail_views() {
+    w.final_norm = wp(final_norm_off);
+    if (lm_head_off != embed_off) w.lm_head = wp(lm_head_off);
+  }
+  void bind_layer_views(int l) {
+    cm::DeviceLayer& L = w.layers[l];
+    L.input_norm = wp(norm_off[l].input);
+    L.post_norm = wp(norm_off[l].post);
+    L.q_norm = c.qk_norm ? wp(norm_off[l].q) : nullptr;
+    L.k_norm = c.qk_norm ? wp(norm_off[l].k) : nullptr;
+    for (Proj p : kAllProj) {
+      const int pi = static_cast<int>(p);
+      full_w[l][pi] = wp(w_off[l][pi]);
+      L.b[pi] = b_off[l][pi] == SIZE_MAX ? nullptr : wp(b_off[l][pi]);
+    }
+  }
+
+  // ---- ZeRO-3 full fine-tuning: gathers and flushes, all collectives (same order on every
+  // rank). Each is a no-op when the block is already held, and unsharded.
+  void z3_gather(size_t lo, size_t hi, bf16* slot) {
+    const cu::stream_t s = stream.get();
+    for (int r = 0; r < z3->size; ++r) {
+      const ShardRange o = shard_range(n_params, r, z3->size);
+      const size_t b0 = std::max(lo, o.begin), e0 = std::min(hi, o.end);
+      if (b0 >= e0) continue;
+      bf16* dst = slot + (b0 - lo);
+      if (r == z3->rank)
+        FTUNE_CUDA_CHECK(cudaMemcpyAsync(dst, own16 + (b0 - z3_own.begin),
+                                         (e0 - b0) * sizeof(bf16), cudaMemcpyDeviceToDevice, s));
+      if (z3->size > 1) z3->broadcast(dst, (e0 - b0) * sizeof(bf16), r, s);
+    }
+  }
+  void z3_flush(int k) {
+    const Window& v = win[k];
+    const cu::stream_t s = stream.get();
+    const size_t n = v.hi - v.lo;
+    Scope ps(&prof, cm::Phase::full_grads, s);
+    if (z3->size > 1) z3->all_reduce_sum(v.g, n, s);
+    const size_t b0 = std::max(v.lo, z3_own.begin), e0 = std::min(v.hi, z3_own.end);
+    if (b0 < e0)
+      cu::add_into(own_g + (b0 - z3_own.begin), v.g + (b0 - v.lo),
+                   static_cast<int64_t>(e0 - b0), s);
+    cm::memset0(v.g, n * sizeof(float), s);
+  }
+  void use_embed() {
+    if (!z3 || embed_held) return;
+    bf16* slot = z3_slot[0].as<bf16>();
+    z3_gather(0, layer0, slot);
+    win[0] = Window{0, layer0, slot, z3_scratch[0].as<float>()};
+    bind_embed_views();
+    embed_held = true;
+  }
+  void use_tail() {
+    if (!z3) return;
+    if (lm_head_off == embed_off) use_embed();
+    if (tail_held) return;
+    bf16* slot = z3_slot[2].as<bf16>();
+    z3_gather(tail_begin, n_params, slot);
+    win[2] = Window{tail_begin, n_params, slot, z3_scratch[2].as<float>()};
+    bind_tail_views();
+    tail_held = true;
+  }
+  void use_layer(int l) {
+    if (!z3 || held_layer == l) return;
+    const size_t lo = layer0 + static_cast<size_t>(l) * layer_span;
+    bf16* slot = z3_slot[1].as<bf16>();
+    z3_gather(lo, lo + layer_span, slot);
+    win[1] = Window{lo, lo + layer_span, slot, z3_scratch[1].as<float>()};
+    bind_layer_views(l);
+    held_layer = l;
+  }
+  void drop_gathered() {
+    held_layer = -1;
+    embed_held = tail_held = false;
+  }
+  void flush_embed() { if (z3) z3_flush(0); }
+  void flush_layer() { if (z3) z3_flush(1); }
+  void flush_tail() { if (z3) z3_flush(2); }
+  // An empty micro-batch: the gathers and flushes of a real one, in its order.
+  void z3_walk(bool backward) {
+    const int L = static_cast<int>(c.num_hidden_layers);
+    use_embed();
+    for (int l = 0; l < L; ++l) use_layer(l);
+    use_tail();
+    if (!backward) return;
+    flush_tail();
+    for (int l = L - 1; l >= 0; --l) {
+      use_layer(l);
+      flush_layer();
+    }
+    flush_embed();
   }
 
   // Full fine-tuning: dW [out, in] += dy^T x and db += column sums of dy, before the input
@@ -164,16 +298,16 @@ struct CudaTransformer::Impl {
   void full_weight_grad(int l, Proj p, const bf16* dy, const bf16* x) {
     const int pi = static_cast<int>(p);
     Scope ps(&prof, cm::Phase::full_grads, stream.get());
-    gemm.matmul(cu::GemmOp::TN, gfull + w_off[l][pi], dy, x, proj_out_features(c, p),
+    gemm.matmul(cu::GemmOp::TN, wg(w_off[l][pi]), dy, x, proj_out_features(c, p),
                 proj_in_features(c, p), dims.N, 1.f, 1.f, stream.get());
     if (b_off[l][pi] != SIZE_MAX)
-      cu::bias_backward(gfull + b_off[l][pi], dy, dims.N, proj_out_features(c, p),
+      cu::bias_backward(wg(b_off[l][pi]), dy, dims.N, proj_out_features(c, p),
                         colgrad_ws.as<float>(), stream.get());
   }
   void norm_weight_grad(size_t off, const bf16* dy, const bf16* x, const float* rstd,
                         int64_t rows, int64_t cols) {
     Scope ps(&prof, cm::Phase::full_grads, stream.get());
-    cu::rms_norm_weight_backward(gfull + off, dy, x, rstd, rows, cols, colgrad_ws.as<float>(),
+    cu::rms_norm_weight_backward(wg(off), dy, x, rstd, rows, cols, colgrad_ws.as<float>(),
                                  stream.get());
   }
 
@@ -551,14 +685,14 @@ struct CudaTransformer::Impl {
                                          b.row_targets + r0, m, V, loss_scale, s);
       if (!want_grad) continue;
       // Full fine-tuning: d lm_head [V, H] += dlogits^T xc (tied: the embedding's gradient).
-      if (gfull) gemm.matmul(cu::GemmOp::TN, gfull + lm_head_off, b.logits, b.xc, V, H, m, 1.f, 1.f, s);
+      if (gfull) gemm.matmul(cu::GemmOp::TN, wg(lm_head_off), b.logits, b.xc, V, H, m, 1.f, 1.f, s);
       gemm.matmul(cu::GemmOp::NN, b.dxc, b.logits, w.lm_head, m, H, V, 1.f, 0.f, s);
       cm::scatter_rows(b.dxf, b.dxc, b.rows + r0, m, H, s);
     }
     if (want_grad)
       cu::rms_norm_backward(b.dx, b.dxf, xl, w.final_norm, b.rstd_f, N, H, false, s);
     if (want_grad && gfull)
-      cu::rms_norm_weight_backward(gfull + final_norm_off, b.dxf, xl, b.rstd_f, N, H,
+      cu::rms_norm_weight_backward(wg(final_norm_off), b.dxf, xl, b.rstd_f, N, H,
                                    colgrad_ws.as<float>(), s);
   }
 
@@ -609,7 +743,12 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
                                                     float loss_scale, uint64_t dropout_seed) {
   Impl& m = *impl_;
   cm::use_device(m.device);
+  if (m.z3) m.bind_full(params16, grads32);
   if (mb.num_tokens() == 0) {
+    if (m.z3) {
+      m.z3_walk(true);
+      cm::stream_sync(m.stream.get());
+    }
     m.walk_layers(true);
     return {};
   }
@@ -617,23 +756,32 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
   if (m.full) m.bind_full(params16, grads32);
   const cm::LoraCtx lc{&layout, params16, grads32, layout.spec.dropout, dropout_seed};
   const int L = static_cast<int>(m.c.num_hidden_layers);
+  m.use_embed();
   m.embed();
-  for (int l = 0; l < L; ++l) m.layer_forward(l, lc);
+  for (int l = 0; l < L; ++l) {
+    m.use_layer(l);
+    m.layer_forward(l, lc);
+  }
+  m.use_tail();
   m.head(true, loss_scale);
+  m.flush_tail();
   for (int l = L - 1; l >= 0; --l) {
+    m.use_layer(l);
     // Under checkpointing the shared activations hold the last layer run: recompute.
     if (m.checkpointing && l != L - 1) {
       Scope ps(&m.prof, cm::Phase::recompute_total, m.stream.get());
       m.layer_forward(l, lc, true);
     }
     m.layer_backward(l, lc);
+    m.flush_layer();
   }
   if (m.full) {  // b.dx = dLoss/d(embedding output): the rows go back to their tokens
     Scope ps(&m.prof, cm::Phase::full_grads, m.stream.get());
-    cu::embedding_backward(grads32 + m.embed_off, m.b.dx, m.emb_uniq.as<int32_t>(),
+    cu::embedding_backward(m.wg(m.embed_off), m.b.dx, m.emb_uniq.as<int32_t>(),
                            m.emb_start.as<int32_t>(), m.emb_order.as<int32_t>(), m.emb_unique,
                            m.c.hidden_size, m.stream.get());
   }
+  m.flush_embed();
   m.prof.count_micro_step();
   return m.finish_loss();  // synchronizes the stream
 }
@@ -642,15 +790,25 @@ LossSum CudaTransformer::forward_loss_on_device(const MicroBatch& mb, const Lora
                                                 const cuda::bf16* params16) {
   Impl& m = *impl_;
   cm::use_device(m.device);
+  if (m.z3) m.bind_full(params16, nullptr);
   if (mb.num_tokens() == 0) {
+    if (m.z3) {
+      m.z3_walk(false);
+      cm::stream_sync(m.stream.get());
+    }
     m.walk_layers(false);
     return {};
   }
   m.prepare(mb, layout);
   if (m.full) m.bind_full(params16, nullptr);
   const cm::LoraCtx lc{&layout, params16, nullptr, 0.0, 0};
+  m.use_embed();
   m.embed();
-  for (int l = 0; l < static_cast<int>(m.c.num_hidden_layers); ++l) m.layer_forward(l, lc);
+  for (int l = 0; l < static_cast<int>(m.c.num_hidden_layers); ++l) {
+    m.use_layer(l);
+    m.layer_forward(l, lc);
+  }
+  m.use_tail();
   m.head(false, 1.f);
   return m.finish_loss();
 }
@@ -683,6 +841,33 @@ LossSum CudaTransformer::forward_loss(const MicroBatch& mb, const LoraAdapter& a
 }
 
 bool CudaTransformer::full_finetuning() const { return impl_->full; }
+
+void CudaTransformer::shard_full_finetuning(FullSharding sharding) {
+  Impl& m = *impl_;
+  if (!m.full) throw std::logic_error("shard_full_finetuning: not a full fine-tuning backend");
+  if (sharding.size > 1 && (!sharding.broadcast || !sharding.all_reduce_sum))
+    throw std::logic_error("shard_full_finetuning: several ranks need collectives");
+  cm::use_device(m.device);
+  m.z3_own = shard_range(m.n_params, sharding.rank, sharding.size);
+  const size_t sizes[3] = {m.layer0, m.layer_span, m.n_params - m.tail_begin};
+  for (int k = 0; k < 3; ++k) {
+    m.z3_slot[k] = cu::DeviceBuffer(std::max<size_t>(sizes[k], 1) * sizeof(bf16));
+    m.z3_scratch[k] = cu::DeviceBuffer(std::max<size_t>(sizes[k], 1) * sizeof(float));
+    m.z3_scratch[k].zero();
+  }
+  m.z3 = std::move(sharding);
+  m.win = {};
+  m.drop_gathered();
+  m.note_memory();
+}
+
+void CudaTransformer::drop_gathered() { impl_->drop_gathered(); }
+
+size_t CudaTransformer::full_sharding_bytes() const {
+  size_t n = 0;
+  for (int k = 0; k < 3; ++k) n += impl_->z3_slot[k].bytes() + impl_->z3_scratch[k].bytes();
+  return n;
+}
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
                                                 bool gradient_checkpointing, bool flash_attn,

@@ -1,0 +1,210 @@
+// zero_stage = 3 with use_peft = false on the CUDA backend: this rank's GPU holds the fp32
+// masters, bf16 copy, gradient accumulator and Adam moments of its range of the parameter
+// vector only (shard_range, the CPU twin's and ZeRO-1/2's range), and the backend gathers
+// each block from the owners as it needs it (CudaTransformer::shard_full_finetuning). The
+// gradient arrives summed over ranks (the backend flushes each block after its backward),
+// so a step is: squared norm of the range (deterministic reduction, all-reduced), clip
+// coefficient on the device, AdamW over the range, its bf16 copy. Nothing is gathered at the
+// end of a step. Device memory per rank: 18 bytes per owned parameter plus the block slots
+// (about 6 bytes per parameter of the largest blocks: a layer, the embedding table and the
+// tail) instead of 18 per parameter of the model.
+#include "ftune/train/step_runner.hpp"
+
+#if FTUNE_HAVE_CUDA
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "ftune/dist/nccl.hpp"
+#include "ftune/kernels/cuda_device.hpp"
+#include "ftune/kernels/cuda_optim.hpp"
+#include "ftune/model/transformer_cuda.hpp"
+
+namespace ftune {
+
+namespace {
+
+namespace cu = ftune::cuda;
+
+class CudaZero3FullStepRunner final : public StepRunner {
+ public:
+  CudaZero3FullStepRunner(CudaTransformer& model, const LoraAdapter& full, Communicator& comm,
+                          const AdamWHyper& h, CudaTransformer::FullSharding sharding)
+      : model_(model), comm_(comm), hyper_(h), n_(full.params.size()),
+        own_(shard_range(n_, comm.rank(), comm.size())), all_reduce_(sharding.all_reduce_sum) {
+    layout_.spec = full.spec;
+    layout_.model = full.model;
+    layout_.slot_of = full.slot_of;
+    model_.shard_full_finetuning(std::move(sharding));
+    const size_t k = std::max<size_t>(own_.size(), 1);
+    master_ = cu::DeviceBuffer(k * sizeof(float));
+    params16_ = cu::DeviceBuffer(k * sizeof(cu::bf16));
+    grads_ = cu::DeviceBuffer(k * sizeof(float));
+    m_ = cu::DeviceBuffer(k * sizeof(float));
+    v_ = cu::DeviceBuffer(k * sizeof(float));
+    scalars_ = cu::DeviceBuffer(4 * sizeof(float));
+    reduce_ws_ = cu::DeviceBuffer(cu::kReduceWorkspaceFloats * sizeof(float));
+    grads_.zero();
+    m_.zero();
+    v_.zero();
+    params_from_host(full);
+  }
+
+  std::string describe() const override {
+    return "GPU AdamW (ZeRO 3: parameters, gradients and optimizer state sharded)";
+  }
+  LossSum accumulate(const MicroBatch& mb, float loss_scale, uint64_t seed) override {
+    return model_.forward_backward_on_device(mb, layout_, params16_.as<cu::bf16>(),
+                                             grads_.as<float>(), loss_scale, seed);
+  }
+  LossSum evaluate(const MicroBatch& mb) override {
+    return model_.forward_loss_on_device(mb, layout_, params16_.as<cu::bf16>());
+  }
+
+  double step(double lr, double max_grad_norm) override {
+    const cu::stream_t s = model_.stream();
+    float* g = grads_.as<float>();
+    float* sumsq = scalars_.as<float>();
+    float* norm = sumsq + 1;
+    float* scale = sumsq + 2;
+    const int64_t n = static_cast<int64_t>(own_.size());
+    cu::reduce_sum(sumsq, g, n, true, false, reduce_ws_.as<float>(), s);
+    if (comm_.size() > 1) all_reduce_(sumsq, 1, s);
+    cu::clip_scale(scale, norm, sumsq, max_grad_norm, s);
+    ++step_count_;
+    const cu::AdamWScalars k = cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2,
+                                                 hyper_.eps, hyper_.weight_decay);
+    if (decay_runs_.empty()) {
+      cu::adamw_step(master_.as<float>(), g, m_.as<float>(), v_.as<float>(), n, k, scale, s);
+    } else {  // full fine-tuning's exemptions, per run of equal decay within the range
+      const cu::AdamWScalars k0 =
+          cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2, hyper_.eps, 0.0);
+      for (const DecayRun& d : decay_runs_) {
+        const size_t o = d.begin - own_.begin;
+        cu::adamw_step(master_.as<float>() + o, g + o, m_.as<float>() + o, v_.as<float>() + o,
+                       static_cast<int64_t>(d.end - d.begin), d.decays ? k : k0, scale, s);
+      }
+    }
+    cu::to_bf16(params16_.as<cu::bf16>(), master_.as<float>(), n, s);
+    cu::zero_async(g, n, s);
+    float host_norm = 0;
+    cu::copy_to_host_async(&host_norm, norm, sizeof(float), s);
+    cu::synchronize(s);
+    model_.drop_gathered();
+    return host_norm;
+  }
+
+  // Collective: every rank ends with the whole vector.
+  void params_to_host(LoraAdapter& a) override {
+    std::vector<float> mine(own_.size());
+    cu::copy_to_host_async(mine.data(), master_.get(), own_.size() * sizeof(float),
+                           model_.stream());
+    cu::synchronize(model_.stream());
+    a.params.resize(n_);
+    comm_.all_gather(mine, a.params);
+  }
+  void params_from_host(const LoraAdapter& a) override {
+    if (a.params.size() != n_)
+      throw std::runtime_error("ZeRO-3 step runner: parameter vector size changed");
+    const cu::stream_t s = model_.stream();
+    cu::copy_to_device_async(master_.get(), a.params.data() + own_.begin,
+                             own_.size() * sizeof(float), s);
+    cu::to_bf16(params16_.as<cu::bf16>(), master_.as<float>(),
+                static_cast<int64_t>(own_.size()), s);
+    cu::synchronize(s);
+    model_.drop_gathered();
+  }
+  void set_decay_mask(std::span<const uint8_t> decays) override {
+    if (decays.size() != n_) throw std::runtime_error("ZeRO-3 step runner: decay mask size");
+    decay_runs_.clear();
+    for (size_t i = own_.begin; i < own_.end;) {
+      size_t j = i;
+      while (j < own_.end && (decays[j] != 0) == (decays[i] != 0)) ++j;
+      decay_runs_.push_back({i, j, decays[i] != 0});
+      i = j;
+    }
+  }
+  ShardRange owned() const override { return own_; }
+  size_t state_bytes() const override { return 3 * own_.size() * sizeof(float); }
+  OptimizerShard export_shard(std::span<const float>) override {
+    OptimizerShard out;
+    out.rank = comm_.rank();
+    out.world_size = comm_.size();
+    out.begin = own_.begin;
+    out.end = own_.end;
+    out.step = step_count_;
+    out.m.resize(own_.size());
+    out.v.resize(own_.size());
+    out.master.resize(own_.size());
+    const cu::stream_t s = model_.stream();
+    const size_t bytes = own_.size() * sizeof(float);
+    cu::copy_to_host_async(out.m.data(), m_.get(), bytes, s);
+    cu::copy_to_host_async(out.v.data(), v_.get(), bytes, s);
+    cu::copy_to_host_async(out.master.data(), master_.get(), bytes, s);
+    cu::synchronize(s);
+    return out;
+  }
+  void import_shard(const OptimizerShard& sh, std::span<float> params) override {
+    if (sh.begin != own_.begin || sh.end != own_.end)
+      throw std::runtime_error("optimizer shard range does not match this rank's");
+    step_count_ = sh.step;
+    const cu::stream_t s = model_.stream();
+    cu::copy_to_device_async(m_.get(), sh.m.data(), sh.m.size() * sizeof(float), s);
+    cu::copy_to_device_async(v_.get(), sh.v.data(), sh.v.size() * sizeof(float), s);
+    cu::synchronize(s);
+    if (params.size() == n_) std::copy(sh.master.begin(), sh.master.end(), params.begin() + own_.begin);
+  }
+
+ private:
+  CudaTransformer& model_;
+  Communicator& comm_;
+  AdamWHyper hyper_;
+  size_t n_;
+  ShardRange own_;
+  std::function<void(float*, size_t, cu::stream_t)> all_reduce_;
+  LoraAdapter layout_;  // the full model's shape (no slots), without its values
+  cu::DeviceBuffer master_, params16_, grads_, m_, v_, scalars_, reduce_ws_;
+  int64_t step_count_ = 0;
+  struct DecayRun {
+    size_t begin, end;
+    bool decays;
+  };
+  std::vector<DecayRun> decay_runs_;  // within the owned range; empty: every parameter decays
+};
+
+}  // namespace
+
+std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(
+    TrainBackend& model, const LoraAdapter& full_model, Communicator& comm,
+    const AdamWHyper& h, CudaTransformer::FullSharding sharding) {
+  auto* cuda_model = dynamic_cast<CudaTransformer*>(&model);
+  if (!cuda_model || !cuda_model->full_finetuning())
+    throw std::runtime_error("ZeRO-3 full fine-tuning needs a full fine-tuning CUDA backend");
+  return std::make_unique<CudaZero3FullStepRunner>(*cuda_model, full_model, comm, h,
+                                                   std::move(sharding));
+}
+
+std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(TrainBackend& model,
+                                                             const LoraAdapter& full_model,
+                                                             Communicator& comm,
+                                                             const AdamWHyper& h) {
+  CudaTransformer::FullSharding z;
+  z.rank = comm.rank();
+  z.size = comm.size();
+  if (comm.size() > 1) {
+    // Its own NCCL communicator, on the compute stream like every call of the step.
+    std::shared_ptr<NcclCommunicator> nccl = NcclCommunicator::create(comm);
+    z.broadcast = [nccl](void* data, size_t bytes, int root, cu::stream_t s) {
+      nccl->broadcast_bytes(data, bytes, root, s);
+    };
+    z.all_reduce_sum = [nccl](float* data, size_t n, cu::stream_t s) {
+      nccl->all_reduce_sum(data, n, s);
+    };
+  }
+  return make_cuda_zero3_full_step_runner(model, full_model, comm, h, std::move(z));
+}
+
+}  // namespace ftune
+
+#endif  // FTUNE_HAVE_CUDA
