@@ -7,8 +7,8 @@
 //   stage 2: as stage 1, but gradients are reduce-scattered (each rank gets only its shard).
 //   stage 3: the adapter as stage 2; what stage 3 adds, sharding the frozen base weights,
 //            is the backend's (model/zero3_weights.hpp, the CUDA backend's layer gathers).
-//            Full fine-tuning at stage 3 has its own runner (zero3_full_step_runner.cpp),
-//            whose shards are this class's stage-1/2 ranges.
+//            Full fine-tuning at stage 3 has its own runners (zero3_full_step_runner.cpp,
+//            cuda_zero3_full_step_runner.cpp), whose shards are this class's stage-1/2 ranges.
 // Optimizer-state memory per rank is 1/N of stage 0's for stages 1 to 3.
 #include <cstdint>
 #include <span>
