@@ -454,24 +454,23 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   const LrSchedule sched{cfg.lr_scheduler_type, cfg.learning_rate,
                          resolve_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
                          total_steps};
-  // ZeRO-3 full fine-tuning (CPU): the step runner owns the sharded model; the host's whole
-  // vector exists only around saves and resumes (release_full_vector).
+  // ZeRO-3 full fine-tuning: each rank's step runner keeps its range of the parameters (on
+  // the CPU it owns the model too); the host's whole vector exists only around saves and
+  // resumes (release_full_vector).
   const bool sharded_params = !cfg.use_peft && cfg.zero_stage == 3;
   auto release_full_vector = [&] {
     if (sharded_params) std::vector<float>().swap(adapter.params);
   };
   const AdamWHyper hyper{cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay};
-  std::unique_ptr<TrainBackend> backend;
-  if (sharded_params && !run.on_cuda)
-    ;  // made with the runner below
-  else if (cfg.use_peft)
+  std::unique_ptr<TrainBackend> backend;  // (none for ZeRO-3 full fine-tuning on the CPU)
+  if (cfg.use_peft)
     on_all_ranks(comm, [&] {
       backend = make_backend(cfg, *run.source,
                              needs_host_weights(cfg, run.on_cuda) ? &run.weights : nullptr, comm);
     });
   else if (run.on_cuda)
     backend = make_full_finetune_cuda_backend(cfg, run.mc, comm.world());
-  else
+  else if (!sharded_params)
     backend = std::make_unique<FullFineTuneBackend>(run.weights, cfg.gradient_checkpointing);
   std::unique_ptr<StepRunner> runner;
   on_all_ranks(comm, [&] {

@@ -7,6 +7,9 @@
 // Under checkpointing the backward re-runs each layer's forward in a lighter form
 // (layer_forward's `recompute`); quantised weights are dequantised a layer at a time and
 // offloaded or ZeRO-3-sharded ones fetched a layer ahead (weight()); FTUNE_PROFILE=1 times every region (profiler.cuh).
+// Full fine-tuning reads its weights and writes their gradients through windows of the flat
+// parameter vector (wp / wg): the whole vector, or under ZeRO-3 the blocks gathered into
+// slots (use_embed / use_layer / use_tail) whose gradients are flushed to their owners.
 #include <cuda_runtime.h>
 
 #include <algorithm>
