@@ -1,10 +1,11 @@
 #pragma once
-// train module: full fine-tuning (use_peft = false), on the CPU reference backend so far.
-// The trainable vector is the whole base model in BaseWeights::storage order (tied
-// embeddings once). So that the trainer's step runners, ZeRO stages and optimizer shards
-// serve it unchanged, it travels as the params of a LoraAdapter without slots
-// (full_model_as_adapter); FullFineTuneBackend computes its gradient with
-// CpuTransformer::forward_backward_full.
+// train module: full fine-tuning (use_peft = false). The trainable vector is the whole base
+// model in BaseWeights::storage order (tied embeddings once). So that the trainer's step
+// runners, ZeRO stages and optimizer shards serve it unchanged, it travels as the params of
+// a LoraAdapter without slots (full_model_as_adapter). On the CPU FullFineTuneBackend
+// computes its gradient with CpuTransformer::forward_backward_full; the CUDA backend has its
+// own full fine-tuning mode (CudaTransformer::FullFineTuning); ZeRO-3 has its own runners
+// (step_runner.hpp). Saving and loading the HF model directory are here.
 #include <cstdint>
 #include <string>
 #include <vector>
