@@ -49,7 +49,6 @@ void Zero3TrainedWeights::gather(size_t lo, std::span<float> block) {
                 part.begin());
     if (size_ > 1) coll_.broadcast(part, r);
   }
-  ++gathers_;
 }
 
 void Zero3TrainedWeights::flush(size_t lo, std::span<float> scratch) {

@@ -12,9 +12,7 @@ namespace fs = std::filesystem;
 
 namespace ftune {
 
-namespace {
-
-LoraAdapter without_slots(const ModelConfig& c) {
+LoraAdapter full_model_shape(const ModelConfig& c) {
   LoraAdapter a;
   a.model = c;
   a.spec.rank = 0;
@@ -23,16 +21,14 @@ LoraAdapter without_slots(const ModelConfig& c) {
   return a;
 }
 
-}  // namespace
-
 LoraAdapter full_model_as_adapter(const BaseWeights& w) {
-  LoraAdapter a = without_slots(w.cfg);
+  LoraAdapter a = full_model_shape(w.cfg);
   a.params = w.storage;
   return a;
 }
 
 LoraAdapter full_model_as_adapter(BaseWeights&& w) {
-  LoraAdapter a = without_slots(w.cfg);
+  LoraAdapter a = full_model_shape(w.cfg);
   a.params = std::move(w.storage);
   const ModelConfig c = w.cfg;
   w = BaseWeights{};

@@ -11,6 +11,7 @@
 
 #include "ftune/model/transformer_cpu.hpp"
 #include "ftune/model/zero3_trained.hpp"
+#include "ftune/train/full_finetune.hpp"
 #include "ftune/train/step_runner.hpp"
 
 namespace ftune {
@@ -21,7 +22,7 @@ class Zero3FullStepRunner final : public StepRunner {
  public:
   Zero3FullStepRunner(const LoraAdapter& full, Communicator& comm, const AdamWHyper& h,
                       bool gradient_checkpointing)
-      : comm_(comm), hyper_(h), layout_(shape_of(full)),
+      : comm_(comm), hyper_(h), layout_(full_model_shape(full.model)),
         shards_(full.model, comm.rank(), comm.size(), collectives(comm), full.params),
         model_(shards_, gradient_checkpointing) {
     state_.resize(shards_.owned().size());
@@ -98,14 +99,6 @@ class Zero3FullStepRunner final : public StepRunner {
   const Zero3TrainedWeights& shards() const { return shards_; }
 
  private:
-  static LoraAdapter shape_of(const LoraAdapter& a) {  // everything but the values
-    LoraAdapter s;
-    s.spec = a.spec;
-    s.model = a.model;
-    s.slots = a.slots;
-    s.slot_of = a.slot_of;
-    return s;
-  }
   static Zero3Collectives collectives(Communicator& comm) {
     Zero3Collectives c;
     c.broadcast = [&comm](std::span<float> data, int root) {

@@ -53,12 +53,19 @@ double ZeroAdamW::begin_step(std::span<float> grads, double max_grad_norm) {
 void ZeroAdamW::update(std::span<float> params, size_t lo, size_t hi, double lr) {
   if (params.size() != n_ || lo < owned_.begin || hi > owned_.end || lo > hi)
     throw std::runtime_error("ZeroAdamW::update: range outside this rank's shard");
-  const size_t o = lo - owned_.begin, len = hi - lo;
+  const size_t o = lo - owned_.begin;
+  apply(params, lo, g_.subspan(o, hi - lo), lr, 1.0f, {});  // g_ is clipped already
+}
+
+// AdamW on params[lo, lo + grads.size()) inside owned(), the gradient scaled by clip first.
+void ZeroAdamW::apply(std::span<float> params, size_t lo, std::span<const float> grads,
+                      double lr, float clip, std::span<float> copy_to) {
+  const size_t o = lo - owned_.begin, len = grads.size();
   std::span<const uint8_t> d;
   if (!decays_.empty()) d = std::span<const uint8_t>(decays_).subspan(o, len);
-  adamw_update(params.subspan(lo, len), g_.subspan(o, len),
-               std::span<float>(state_.m).subspan(o, len), std::span<float>(state_.v).subspan(o, len),
-               state_.step, lr, hyper_, d);
+  adamw_update(params.subspan(lo, len), grads, std::span<float>(state_.m).subspan(o, len),
+               std::span<float>(state_.v).subspan(o, len), state_.step, lr, hyper_, d, clip,
+               copy_to);
 }
 
 double ZeroAdamW::begin_streamed_step(double sum_sq, double max_grad_norm) {
@@ -74,12 +81,8 @@ void ZeroAdamW::update_streamed(std::span<float> params, size_t lo,
   const size_t len = grads.size();
   if (params.size() != n_ || lo + len > n_)
     throw std::runtime_error("ZeroAdamW::update_streamed: range outside the vector");
-  std::span<const uint8_t> d;
-  if (!decays_.empty()) d = std::span<const uint8_t>(decays_).subspan(lo, len);
-  // One pass: clip, update, and copy out (grad_scale 1 = no clipping, as begin_step).
-  adamw_update(params.subspan(lo, len), grads, std::span<float>(state_.m).subspan(lo, len),
-               std::span<float>(state_.v).subspan(lo, len), state_.step, lr, hyper_, d, clip_,
-               copy_to ? std::span<float>(copy_to, len) : std::span<float>());
+  // One pass: clip, update, and copy out (one rank: owned() is the whole vector).
+  apply(params, lo, grads, lr, clip_, copy_to ? std::span<float>(copy_to, len) : std::span<float>());
 }
 
 void ZeroAdamW::end_step(std::span<float> params) {

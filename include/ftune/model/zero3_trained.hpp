@@ -55,7 +55,6 @@ class Zero3TrainedWeights {
   void flush_embed();
 
   size_t bytes() const;  // host bytes this rank holds: shard, gathered blocks, scratch
-  int64_t gathers() const { return gathers_; }
 
  private:
   void gather(size_t lo, std::span<float> block);
@@ -74,7 +73,6 @@ class Zero3TrainedWeights {
   LayerWeights view_;
   int held_layer_ = -1;
   bool embed_held_ = false, tail_held_ = false;
-  int64_t gathers_ = 0;
 };
 
 }  // namespace ftune

@@ -17,7 +17,10 @@
 
 namespace ftune {
 
-// rank 0, no slots, params = a copy of w.storage.
+// The full model's adapter shape: rank 0, no slots, no values (what step runners that keep
+// only a shard of the vector pass to the backend).
+LoraAdapter full_model_shape(const ModelConfig& c);
+// full_model_shape with params = a copy of w.storage.
 LoraAdapter full_model_as_adapter(const BaseWeights& w);
 // The same without the copy: w.storage moves into params and w keeps only its config (the
 // CUDA backend computes from its own bf16 copy, so host memory holds the model once).

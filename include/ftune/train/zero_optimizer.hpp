@@ -58,6 +58,9 @@ class ZeroAdamW {
   void import_shard(const OptimizerShard& s, std::span<float> params);
 
  private:
+  void apply(std::span<float> params, size_t lo, std::span<const float> grads, double lr,
+             float clip, std::span<float> copy_to);
+
   Communicator& comm_;
   int stage_;
   AdamWHyper hyper_;
