@@ -11,6 +11,7 @@
 // concurrent streams). Plain C++ header; implemented in src/kernels/cuda/gemm.cu.
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "ftune/kernels/cuda_device.hpp"
 
@@ -32,6 +33,18 @@ class Gemm {
               int64_t K, float alpha, float beta, stream_t stream);
 
   size_t cached_plans() const;
+
+  // Autotuning (off by default): the first beta = 0 call of each plan times up to 16 of the
+  // heuristic's offers on its own operands and keeps the fastest. Different runs can then
+  // pick different algorithms for a shape, so results may differ in the last bits from run
+  // to run; without it a shape always gets the heuristic's first choice.
+  void set_autotune(bool on);
+  // Every algorithm the heuristic offers for this product (its first choice first), each
+  // timed on these operands: mean ms of `reps` runs after two warm-ups, +inf where
+  // cuBLASLt refused to launch it. C is overwritten (beta applies on every run).
+  std::vector<float> time_algorithms(GemmOp op, bf16* C, const bf16* A, const bf16* B,
+                                     int64_t M, int64_t N, int64_t K, float alpha, float beta,
+                                     stream_t stream, int reps = 10);
 
  private:
   struct Impl;

@@ -8,10 +8,12 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common.cuh"
 #include "ftune/kernels/cuda_gemm.hpp"
@@ -64,6 +66,26 @@ struct Plan {
   DescPtr desc;
   LayoutPtr a, b, c;  // Lt's A (our B), Lt's B (our A), C = D
   cublasLtMatmulAlgo_t algo{};
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's offers, its choice first
+  bool tuned = false;
+};
+
+// How many of the heuristic's offers autotuning and time_algorithms() look at.
+constexpr int kMaxCandidates = 16;
+
+// RAII pair of timing events (gemm.cu times candidates on the caller's stream).
+struct EventPair {
+  cudaEvent_t a = nullptr, b = nullptr;
+  EventPair() {
+    FTUNE_CUDA_CHECK(cudaEventCreate(&a));
+    FTUNE_CUDA_CHECK(cudaEventCreate(&b));
+  }
+  ~EventPair() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  EventPair(const EventPair&) = delete;
+  EventPair& operator=(const EventPair&) = delete;
 };
 
 }  // namespace
@@ -72,8 +94,9 @@ struct Gemm::Impl {
   HandlePtr handle;
   DeviceBuffer workspace;
   std::map<Key, Plan> plans;
+  bool autotune = false;
 
-  const Plan& plan(const Key& k) {
+  Plan& plan(const Key& k) {
     if (auto it = plans.find(k); it != plans.end()) return it->second;
     Plan p;
     cublasLtMatmulDesc_t d = nullptr;
@@ -107,32 +130,74 @@ struct Gemm::Impl {
     for (const auto& [attr, val] : aligns)
       FTUNE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pr, attr, &val, sizeof val));
 
-    cublasLtMatmulHeuristicResult_t res{};
+    cublasLtMatmulHeuristicResult_t res[kMaxCandidates]{};
     int found = 0;
     FTUNE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle.get(), d, p.a.get(), p.b.get(),
-                                                      p.c.get(), p.c.get(), pr, 1, &res,
-                                                      &found));
-    if (found == 0)
+                                                      p.c.get(), p.c.get(), pr, kMaxCandidates,
+                                                      res, &found));
+    for (int i = 0; i < found; ++i)
+      if (res[i].state == CUBLAS_STATUS_SUCCESS) p.candidates.push_back(res[i].algo);
+    if (p.candidates.empty())
       throw CudaError("cuBLASLt: no algorithm for GEMM op " + std::to_string(k.op) + " M=" +
                       std::to_string(k.M) + " N=" + std::to_string(k.N) +
                       " K=" + std::to_string(k.K));
-    p.algo = res.algo;
+    p.algo = p.candidates.front();
     return plans.emplace(k, std::move(p)).first->second;
+  }
+
+  static Key key_of(GemmOp op, const void* C, bool out_f32, const bf16* A, const bf16* B,
+                    int64_t M, int64_t N, int64_t K) {
+    // Row pitches (elements) of our operands as stored.
+    const int64_t lda = op == GemmOp::TN ? M : K;
+    const int64_t ldb = op == GemmOp::NT ? K : N;
+    return Key{static_cast<int>(op), out_f32 ? 1 : 0, M, N, K, alignment(A, lda, 2),
+               alignment(B, ldb, 2), alignment(C, N, out_f32 ? 4 : 2)};
+  }
+
+  cublasStatus_t launch(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* C,
+                        const bf16* A, const bf16* B, float alpha, float beta,
+                        stream_t stream) {
+    return cublasLtMatmul(handle.get(), p.desc.get(), &alpha, B, p.a.get(), A, p.b.get(),
+                          &beta, C, p.c.get(), C, p.c.get(), &algo, workspace.get(),
+                          workspace.bytes(), stream);
+  }
+
+  // Mean ms of `reps` runs (after two warm-ups) of each candidate, in the plan's order; a
+  // candidate cuBLASLt refuses at launch gets +inf. Synchronises the stream.
+  std::vector<float> time_candidates(const Plan& p, void* C, const bf16* A, const bf16* B,
+                                     float alpha, float beta, stream_t stream, int reps) {
+    std::vector<float> ms;
+    EventPair ev;
+    for (const cublasLtMatmulAlgo_t& algo : p.candidates) {
+      bool ok = true;
+      for (int i = 0; i < 2 && ok; ++i)
+        ok = launch(p, algo, C, A, B, alpha, beta, stream) == CUBLAS_STATUS_SUCCESS;
+      FTUNE_CUDA_CHECK(cudaEventRecord(ev.a, stream));
+      for (int i = 0; i < reps && ok; ++i)
+        ok = launch(p, algo, C, A, B, alpha, beta, stream) == CUBLAS_STATUS_SUCCESS;
+      FTUNE_CUDA_CHECK(cudaEventRecord(ev.b, stream));
+      FTUNE_CUDA_CHECK(cudaEventSynchronize(ev.b));
+      float t = 0.f;
+      FTUNE_CUDA_CHECK(cudaEventElapsedTime(&t, ev.a, ev.b));
+      ms.push_back(ok ? t / static_cast<float>(reps) : std::numeric_limits<float>::infinity());
+    }
+    return ms;
   }
 
   void run(GemmOp op, void* C, bool out_f32, const bf16* A, const bf16* B, int64_t M,
            int64_t N, int64_t K, float alpha, float beta, stream_t stream) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) throw CudaError("Gemm::matmul: K must be positive");
-    // Row pitches (elements) of our operands as stored.
-    const int64_t lda = op == GemmOp::TN ? M : K;
-    const int64_t ldb = op == GemmOp::NT ? K : N;
-    const Key k{static_cast<int>(op), out_f32 ? 1 : 0, M, N, K, alignment(A, lda, 2),
-                alignment(B, ldb, 2), alignment(C, N, out_f32 ? 4 : 2)};
-    const Plan& p = plan(k);
-    FTUNE_CUBLAS_CHECK(cublasLtMatmul(handle.get(), p.desc.get(), &alpha, B, p.a.get(), A,
-                                      p.b.get(), &beta, C, p.c.get(), C, p.c.get(), &p.algo,
-                                      workspace.get(), workspace.bytes(), stream));
+    Plan& p = plan(key_of(op, C, out_f32, A, B, M, N, K));
+    // Autotuning times the candidates on the call's own operands, so only where C is
+    // overwritten anyway (beta = 0); an accumulating call keeps the heuristic's choice
+    // until a beta = 0 call of the same plan comes.
+    if (autotune && !p.tuned && beta == 0.f && p.candidates.size() > 1) {
+      const std::vector<float> ms = time_candidates(p, C, A, B, alpha, 0.f, stream, 5);
+      p.algo = p.candidates[std::min_element(ms.begin(), ms.end()) - ms.begin()];
+      p.tuned = true;
+    }
+    FTUNE_CUBLAS_CHECK(launch(p, p.algo, C, A, B, alpha, beta, stream));
   }
 };
 
@@ -156,5 +221,15 @@ void Gemm::matmul(GemmOp op, float* C, const bf16* A, const bf16* B, int64_t M, 
 }
 
 size_t Gemm::cached_plans() const { return impl_->plans.size(); }
+
+void Gemm::set_autotune(bool on) { impl_->autotune = on; }
+
+std::vector<float> Gemm::time_algorithms(GemmOp op, bf16* C, const bf16* A, const bf16* B,
+                                         int64_t M, int64_t N, int64_t K, float alpha,
+                                         float beta, stream_t stream, int reps) {
+  if (M <= 0 || N <= 0 || K <= 0) throw CudaError("Gemm::time_algorithms: empty product");
+  const Plan& p = impl_->plan(Impl::key_of(op, C, false, A, B, M, N, K));
+  return impl_->time_candidates(p, C, A, B, alpha, beta, stream, std::max(reps, 1));
+}
 
 }  // namespace ftune::cuda

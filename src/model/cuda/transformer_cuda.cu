@@ -16,6 +16,7 @@
 #include <array>
 #include <optional>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -56,6 +57,13 @@ uint64_t mix_seed(uint64_t a, uint64_t b) {
 
 // Logits of one head chunk stay under this many bytes (bf16, chunk x vocab).
 constexpr int64_t kLogitsBytes = int64_t(256) << 20;
+
+// FTUNE_GEMM_TUNE=1 times cuBLASLt's offers for each GEMM shape on first use and keeps the
+// fastest (Gemm::set_autotune); off by default, so a shape always gets the same algorithm.
+bool gemm_autotune_requested() {
+  const char* e = std::getenv("FTUNE_GEMM_TUNE");
+  return e && e[0] == '1';
+}
 
 int select_device(int device) {
   if (device < 0 || device >= cu::cuda_device_count())
@@ -146,6 +154,7 @@ struct CudaTransformer::Impl {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ", full fine-tuning)";
+    gemm.set_autotune(gemm_autotune_requested());
     full = true;
     entries = BaseWeights::layout(c);
     const size_t none = SIZE_MAX;
@@ -329,6 +338,7 @@ struct CudaTransformer::Impl {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
+    gemm.set_autotune(gemm_autotune_requested());
     if (quant_bits) {
       size_t off = 0;
       for (Proj p : kAllProj) {
