@@ -204,7 +204,7 @@ TEST_CASE("CUDA dropout masks equal the CPU's (p = 0.1, same seed)") {
   }
 }
 
-TEST_CASE("CUDA gradient checkpointing gives the same loss and gradients") {
+TEST_CASE("CUDA gradient checkpointing (and selective recompute) gives the same loss and gradients") {
   REQUIRE_GPU();
   for (const std::string style : {"llama", "qwen3"}) {
     SUBCASE(style.c_str()) {
@@ -215,6 +215,11 @@ TEST_CASE("CUDA gradient checkpointing gives the same loss and gradients") {
       const Result r0 = run(naive, s.mb, s.a), r1 = run(naive_ck, s.mb, s.a);
       CHECK(identical(r0, r1));
       CHECK(identical(r0, run(naive, s.mb, s.a)));  // run to run
+      // Selective recompute (x_mid kept, the o projection not re-run): the same bits.
+      CudaTransformer naive_sel(s.w, true, false);
+      naive_sel.set_selective_recompute(true);
+      CHECK(identical(r0, run(naive_sel, s.mb, s.a)));
+      CHECK(naive_sel.peak_bytes() > naive_ck.peak_bytes());
       CudaTransformer flash(s.w, false, true), flash_ck(s.w, true, true);
       const Cmp c = compare(run(flash, s.mb, s.a), run(flash_ck, s.mb, s.a), s.a);
       report(style + " flash, checkpointing off vs on", c);

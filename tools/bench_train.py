@@ -97,7 +97,7 @@ def ftune_cmds(a, shape, batch, ckpt, work):
              "--max_steps", str(a.warmup + a.steps), "--gradient_checkpointing", "true" if ckpt == "on" else "false",
              "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--learning_rate", "2e-5",
              "--logging_steps", "1", "--validation_split_percentage", "0", "--model_max_length", str(a.seq),
-             "--save_steps", "0"]
+             "--save_steps", "0"] + shlex.split(a.extra_args)
     return init, train
 
 
@@ -276,6 +276,7 @@ def parse(argv):
     ap.add_argument("--gpu", type=int, help="CUDA_VISIBLE_DEVICES for the runs")
     ap.add_argument("--device", default="cuda", help="ftune --device (cpu: only to try the tool)")
     ap.add_argument("--tag", default="0", help="runs go to OUT/runs-TAG.json")
+    ap.add_argument("--extra_args", default="", help="more `ftune train` arguments, e.g. \"--selective_recompute true\"")
     ap.add_argument("--work", help="scratch dir for models and data (kept; default: a temp dir, deleted)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run (init-model: twice)")
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")

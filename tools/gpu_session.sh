@@ -3,9 +3,9 @@
 # carried in .deb/root (TOML++, and pcre2/utf8proc where the machine lacks them) and links
 # the carried copy of ../shared (.devshare) so GPU tests that use it do not skip. Then runs
 # the steps named on the command line, logging each to $OUT/STEP.log:
-#   build  test  lora  gemm  bench  bench_tuned  profile  (lora: tools/bench_lora.cpp; gemm:
+#   build  test  lora  gemm  bench  bench_sel  profile  (lora: tools/bench_lora.cpp; gemm:
 #   tools/bench_gemm.cpp; bench/profile: 8B shape, batch 4, checkpointing on, ftune alone
-#   (bench_tuned: the same with FTUNE_GEMM_TUNE=1); hf: HF+PEFT eager and compiled on the same case;
+#   (bench_sel: the same with selective_recompute); hf: HF+PEFT eager and compiled on the same case;
 #   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights;
 #   attn: our flash attention against torch SDPA at the two shapes; big:
 #   tools/bench_big_models.py, the cases in $BIG_CASES, default all; shape:mode:batch:ranks
@@ -52,10 +52,10 @@ for s in "$@"; do
     bench) step bench python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench" --work "$WORK" \
              --shapes 8b --batches 4 --checkpointing on --impls ftune --steps 6 --warmup 2
            tail -8 "$OUT/bench.log" ;;
-    bench_tuned) step bench_tuned env FTUNE_GEMM_TUNE=1 python3 tools/bench_train.py --ftune build/ftune \
-                   --out "$OUT/bench" --work "$WORK" --shapes 8b --batches 4 --checkpointing on \
-                   --impls ftune --steps 6 --warmup 2 --tag gemm_tuned
-                 tail -8 "$OUT/bench_tuned.log" ;;
+    bench_sel) step bench_sel python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench" \
+                 --work "$WORK" --shapes 8b --batches 4 --checkpointing on --impls ftune --steps 6 \
+                 --warmup 2 --tag selective --extra_args="--selective_recompute true"
+               tail -8 "$OUT/bench_sel.log" ;;
     gemm) step gemm build/bench_gemm "$OUT/bench_gemm.json"; cat "$OUT/gemm.log" ;;
     profile) step profile env FTUNE_PROFILE=1 build/ftune train --model_name_or_path "$WORK/model_8b" \
                --train_file_dir "$WORK/data_8b.jsonl" --output_dir /tmp/ftune_prof --overwrite_output_dir true \

@@ -69,6 +69,10 @@ const std::vector<Param> kParams = {
     {FIELD(flash_attn), G::Numerics, "Fused flash attention (CUDA backend)"},
     {FIELD(gradient_checkpointing), G::Numerics,
      "Recompute activations in the backward pass to save memory"},
+    {FIELD(selective_recompute), G::Numerics,
+     "With gradient_checkpointing (CUDA backend): also keep each layer's residual after "
+     "attention (one [tokens, hidden] bf16 tensor per layer) so the recompute skips the "
+     "attention output projection; faster, more memory"},
     {FIELD(load_in_8bit), G::Numerics, "Load base weights quantised to 8 bits"},
     {FIELD(load_in_4bit), G::Numerics, "Load base weights quantised to 4 bits (QLoRA)"},
     {FIELD(zero_stage),

@@ -193,7 +193,9 @@ std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(TrainBackend& model
   z.rank = comm.rank();
   z.size = comm.size();
   if (comm.size() > 1) {
-    // Its own NCCL communicator, on the compute stream like every call of the step.
+    // Its own NCCL communicator: the backend's gathers and flushes run on its side stream,
+    // the step's norm on the compute stream, never at the same time (the backend joins the
+    // side stream before a call returns; its side work waits for the compute stream).
     std::shared_ptr<NcclCommunicator> nccl = NcclCommunicator::create(comm);
     z.broadcast = [nccl](void* data, size_t bytes, int root, cu::stream_t s) {
       nccl->broadcast_bytes(data, bytes, root, s);

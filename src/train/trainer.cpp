@@ -75,9 +75,12 @@ std::unique_ptr<TrainBackend> make_backend(const TrainConfig& cfg, const WeightS
         };
       }
     }
-    return make_cuda_backend(source, cfg.gradient_checkpointing, cfg.flash_attn,
-                             world.local_rank % cuda::cuda_device_count(),  // GPU = local rank
-                             quant_bits, cfg.offload_param == "cpu", zero3 ? &*zero3 : nullptr);
+    auto gpu = std::make_unique<CudaTransformer>(
+        source, cfg.gradient_checkpointing, cfg.flash_attn,
+        world.local_rank % cuda::cuda_device_count(),  // GPU = local rank
+        quant_bits, cfg.offload_param == "cpu", zero3 ? &*zero3 : nullptr);
+    gpu->set_selective_recompute(cfg.selective_recompute);
+    return gpu;
   }
 #else
   (void)uses_cuda_backend(cfg, world);
@@ -108,9 +111,11 @@ std::unique_ptr<TrainBackend> make_full_finetune_cuda_backend(const TrainConfig&
                                                               const ModelConfig& mc,
                                                               const WorldInfo& world) {
 #if FTUNE_HAVE_CUDA
-  return std::make_unique<CudaTransformer>(mc, cfg.gradient_checkpointing, cfg.flash_attn,
-                                           world.local_rank % cuda::cuda_device_count(),
-                                           CudaTransformer::FullFineTuning{});
+  auto gpu = std::make_unique<CudaTransformer>(mc, cfg.gradient_checkpointing, cfg.flash_attn,
+                                               world.local_rank % cuda::cuda_device_count(),
+                                               CudaTransformer::FullFineTuning{});
+  gpu->set_selective_recompute(cfg.selective_recompute);
+  return gpu;
 #else
   (void)cfg, (void)mc, (void)world;
   throw std::logic_error("full fine-tuning on CUDA in a build without CUDA");

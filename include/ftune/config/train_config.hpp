@@ -60,6 +60,7 @@ struct TrainConfig {
   bool fp16 = false;
   bool flash_attn = true;
   bool gradient_checkpointing = false;
+  bool selective_recompute = false;        // checkpointing also keeps x_mid (CUDA)
   bool load_in_8bit = false;
   bool load_in_4bit = false;
   int zero_stage = 0;                      // DeepSpeed-equivalent ZeRO stage

@@ -67,11 +67,13 @@ class CudaTransformer final : public TrainBackend {
   // backend: this rank keeps only its range shard_range(n, rank, size) of the parameter
   // vector, and the *_on_device calls then take that range's bf16 copy and fp32 gradient
   // (params16, grads32). Each block (embedding table, layer, final norm + untied lm_head)
-  // is gathered into a device slot just before use (from each owner: `broadcast`, in rank
-  // order), and its gradient, formed in a block-sized scratch, is summed over ranks
-  // (`all_reduce_sum`) and added to the owners' range right after its backward. Every call
-  // is then collective (an empty micro-batch still gathers and flushes). Both collectives
-  // enqueue on the given stream; they may be empty when size == 1.
+  // is gathered into a device slot (from each owner: `broadcast`, in rank order) on a side
+  // stream, the next layer while this one computes (two layer slots), and its gradient,
+  // formed in a block-sized scratch, is summed over ranks (`all_reduce_sum`) and added to
+  // the owners' range on that side stream while the next layer's backward computes. Every
+  // call is then collective (an empty micro-batch still gathers and flushes, in the same
+  // order). Both collectives enqueue on the stream they are given (the side stream, which
+  // the step's own work on stream() never overlaps); they may be empty when size == 1.
   struct FullSharding {
     int rank = 0, size = 1;
     std::function<void(void* data, size_t bytes, int root, cuda::stream_t stream)> broadcast;
@@ -105,6 +107,11 @@ class CudaTransformer final : public TrainBackend {
   cuda::stream_t stream() const;
 
   bool uses_flash() const;
+  // Selective recompute (selective_recompute = true): under gradient checkpointing also keep
+  // each layer's residual after attention (x + o(attn), one [tokens, hidden] bf16 tensor
+  // per layer), so the backward's recompute skips the o projection and its add. Same
+  // values bit for bit; more memory, less time. Takes effect from the next micro-batch.
+  void set_selective_recompute(bool on);
   // Most device memory this backend has held at once (weights, adapter copies, activation
   // arena, workspaces), in bytes; cuBLASLt's own handle state and the CUDA context excluded.
   size_t peak_bytes() const;
@@ -117,10 +124,5 @@ class CudaTransformer final : public TrainBackend {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
-
-std::unique_ptr<TrainBackend> make_cuda_backend(
-    const WeightSource& weights, bool gradient_checkpointing, bool flash_attn, int device,
-    int quant_bits = 0, bool offload_param = false,
-    const CudaTransformer::LayerSharding* zero3 = nullptr);
 
 }  // namespace ftune

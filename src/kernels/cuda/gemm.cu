@@ -67,10 +67,9 @@ struct Plan {
   LayoutPtr a, b, c;  // Lt's A (our B), Lt's B (our A), C = D
   cublasLtMatmulAlgo_t algo{};
   std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's offers, its choice first
-  bool tuned = false;
 };
 
-// How many of the heuristic's offers autotuning and time_algorithms() look at.
+// How many of the heuristic's offers time_algorithms() looks at.
 constexpr int kMaxCandidates = 16;
 
 // RAII pair of timing events (gemm.cu times candidates on the caller's stream).
@@ -94,7 +93,6 @@ struct Gemm::Impl {
   HandlePtr handle;
   DeviceBuffer workspace;
   std::map<Key, Plan> plans;
-  bool autotune = false;
 
   Plan& plan(const Key& k) {
     if (auto it = plans.find(k); it != plans.end()) return it->second;
@@ -188,15 +186,7 @@ struct Gemm::Impl {
            int64_t N, int64_t K, float alpha, float beta, stream_t stream) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) throw CudaError("Gemm::matmul: K must be positive");
-    Plan& p = plan(key_of(op, C, out_f32, A, B, M, N, K));
-    // Autotuning times the candidates on the call's own operands, so only where C is
-    // overwritten anyway (beta = 0); an accumulating call keeps the heuristic's choice
-    // until a beta = 0 call of the same plan comes.
-    if (autotune && !p.tuned && beta == 0.f && p.candidates.size() > 1) {
-      const std::vector<float> ms = time_candidates(p, C, A, B, alpha, 0.f, stream, 5);
-      p.algo = p.candidates[std::min_element(ms.begin(), ms.end()) - ms.begin()];
-      p.tuned = true;
-    }
+    const Plan& p = plan(key_of(op, C, out_f32, A, B, M, N, K));
     FTUNE_CUBLAS_CHECK(launch(p, p.algo, C, A, B, alpha, beta, stream));
   }
 };
@@ -221,8 +211,6 @@ void Gemm::matmul(GemmOp op, float* C, const bf16* A, const bf16* B, int64_t M, 
 }
 
 size_t Gemm::cached_plans() const { return impl_->plans.size(); }
-
-void Gemm::set_autotune(bool on) { impl_->autotune = on; }
 
 std::vector<float> Gemm::time_algorithms(GemmOp op, bf16* C, const bf16* A, const bf16* B,
                                          int64_t M, int64_t N, int64_t K, float alpha,

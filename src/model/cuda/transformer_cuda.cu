@@ -1,22 +1,23 @@
 // CUDA training backend: one micro-step from tokens to LoRA gradients on one GPU, step for
 // step the CPU reference (src/model/transformer_cpu.cpp), in bf16 with fp32 accumulation.
 // Reading order: forward_backward_on_device() -> layer_forward() / layer_backward() / head()
-// -> lora_linear.cu -> kernels in src/kernels/cuda/. Everything runs on one stream; the host
-// waits once per micro-batch, for the loss rows (the LoRA gradients stay on the device in
+// -> lora_linear.cu -> kernels in src/kernels/cuda/. Everything runs on one stream (ZeRO-3
+// full fine-tuning's gathers and flushes on a second, overlapping it); the host waits once
+// per micro-batch, for the loss rows (the LoRA gradients stay on the device in
 // the trainer's path; the TrainBackend interface copies them out for host callers).
 // Under checkpointing the backward re-runs each layer's forward in a lighter form
 // (layer_forward's `recompute`); quantised weights are dequantised a layer at a time and
 // offloaded or ZeRO-3-sharded ones fetched a layer ahead (weight()); FTUNE_PROFILE=1 times every region (profiler.cuh).
 // Full fine-tuning reads its weights and writes their gradients through windows of the flat
 // parameter vector (wp / wg): the whole vector, or under ZeRO-3 the blocks gathered into
-// slots (use_embed / use_layer / use_tail) whose gradients are flushed to their owners.
+// slots (use_embed / use_layer / use_tail; the next layer's gather overlaps this one's
+// compute) whose gradients are flushed to their owners while the next layer computes.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <array>
 #include <optional>
 #include <cmath>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -58,12 +59,6 @@ uint64_t mix_seed(uint64_t a, uint64_t b) {
 // Logits of one head chunk stay under this many bytes (bf16, chunk x vocab).
 constexpr int64_t kLogitsBytes = int64_t(256) << 20;
 
-// FTUNE_GEMM_TUNE=1 times cuBLASLt's offers for each GEMM shape on first use and keeps the
-// fastest (Gemm::set_autotune); off by default, so a shape always gets the same algorithm.
-bool gemm_autotune_requested() {
-  const char* e = std::getenv("FTUNE_GEMM_TUNE");
-  return e && e[0] == '1';
-}
 
 int select_device(int device) {
   if (device < 0 || device >= cu::cuda_device_count())
@@ -78,6 +73,7 @@ struct CudaTransformer::Impl {
   int device;
   ModelConfig c;
   bool checkpointing, flash;
+  bool keep_mid_residuals = false;  // selective recompute (set_selective_recompute)
   cu::Stream stream;
   cu::Gemm gemm;
   cm::DeviceWeights w;
@@ -116,14 +112,16 @@ struct CudaTransformer::Impl {
 
   // Where the weights and their gradients are: windows of the flat vector. Unsharded, one
   // window holds it all (the step runner's bf16 copy and fp32 gradient). ZeRO-3
-  // (shard_full_finetuning): 0 = the embedding table, 1 = the layer gathered last, 2 = the
-  // tail (final norm, untied lm_head), each a device slot with its gradient scratch.
+  // (shard_full_finetuning): blocks 0 = the embedding table, 2 = the tail (final norm,
+  // untied lm_head), 1 and 3 = two layer slots (layer l in layer_block(l)), each a device
+  // slot with its gradient scratch: the next layer is gathered into the other slot while
+  // this one computes, and a layer's gradient is flushed while the next one computes.
   struct Window {
     size_t lo = 0, hi = 0;
     const bf16* p = nullptr;
     float* g = nullptr;
   };
-  std::array<Window, 3> win{};
+  std::array<Window, 4> win{};
   const Window& window_of(size_t off) const {
     for (const Window& v : win)
       if (off >= v.lo && off < v.hi) return v;
@@ -137,9 +135,15 @@ struct CudaTransformer::Impl {
   std::optional<CudaTransformer::FullSharding> z3;
   ShardRange z3_own;
   size_t n_params = 0, layer0 = 0, layer_span = 0, tail_begin = 0;
-  std::array<cu::DeviceBuffer, 3> z3_slot, z3_scratch;
-  int held_layer = -1;
+  std::array<cu::DeviceBuffer, 4> z3_slot, z3_scratch;
+  std::array<int, 2> slot_layer{-1, -1};  // the layer each layer slot holds or receives
   bool embed_held = false, tail_held = false;
+  // Gathers and flushes run here, each ordered after all compute-stream work issued before
+  // it (side_after_compute); the compute stream waits for a block's gather (z3_ready) before
+  // using it, and for the side stream (z3_done) before a call returns.
+  std::optional<cu::Stream> z3_side;
+  std::array<cu::Event, 4> z3_ready;
+  cu::Event z3_fence, z3_done;
   const bf16* own16 = nullptr;  // the owned range's bf16 copy and gradient (the runner's)
   float* own_g = nullptr;
 
@@ -154,7 +158,6 @@ struct CudaTransformer::Impl {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ", full fine-tuning)";
-    gemm.set_autotune(gemm_autotune_requested());
     full = true;
     entries = BaseWeights::layout(c);
     const size_t none = SIZE_MAX;
@@ -229,10 +232,26 @@ struct CudaTransformer::Impl {
     }
   }
 
-  // ---- ZeRO-3 full fine-tuning: gathers and flushes, all collectives (same order on every
-  // rank). Each is a no-op when the block is already held, and unsharded.
-  void z3_gather(size_t lo, size_t hi, bf16* slot) {
-    const cu::stream_t s = stream.get();
+  // ---- ZeRO-3 full fine-tuning: gathers and flushes, all collectives (issued in the same
+  // order on every rank: residency depends only on the calls made). Each use_* is a no-op
+  // when the block is held, and unsharded.
+  static int layer_block(int l) { return l % 2 ? 3 : 1; }
+  cu::stream_t side_after_compute() {
+    z3_fence.record(stream.get());
+    FTUNE_CUDA_CHECK(cudaStreamWaitEvent(z3_side->get(), z3_fence.get(), 0));
+    return z3_side->get();
+  }
+  void compute_waits(const cu::Event& e) {
+    FTUNE_CUDA_CHECK(cudaStreamWaitEvent(stream.get(), e.get(), 0));
+  }
+  // The compute stream continues after everything issued to the side stream so far (the
+  // owners' gradients are complete; nothing of this call is left running).
+  void z3_join() {
+    if (!z3) return;
+    z3_done.record(z3_side->get());
+    compute_waits(z3_done);
+  }
+  void z3_gather(size_t lo, size_t hi, bf16* slot, cu::stream_t s) {
     for (int r = 0; r < z3->size; ++r) {
       const ShardRange o = shard_range(n_params, r, z3->size);
       const size_t b0 = std::max(lo, o.begin), e0 = std::min(hi, o.end);
@@ -244,11 +263,19 @@ struct CudaTransformer::Impl {
       if (z3->size > 1) z3->broadcast(dst, (e0 - b0) * sizeof(bf16), r, s);
     }
   }
+  // Starts gathering [lo, hi) into block k on the side stream (z3_ready[k] marks the end).
+  void gather_block(int k, size_t lo, size_t hi) {
+    const cu::stream_t s = side_after_compute();
+    z3_gather(lo, hi, z3_slot[k].as<bf16>(), s);
+    z3_ready[k].record(s);
+    win[k] = Window{lo, hi, z3_slot[k].as<bf16>(), z3_scratch[k].as<float>()};
+  }
+  // Block k's gradient (formed on the compute stream) summed over ranks and added to the
+  // owners' range, its scratch zeroed for the block's next layer, on the side stream.
   void z3_flush(int k) {
     const Window& v = win[k];
-    const cu::stream_t s = stream.get();
+    const cu::stream_t s = side_after_compute();
     const size_t n = v.hi - v.lo;
-    Scope ps(&prof, cm::Phase::full_grads, s);
     if (z3->size > 1) z3->all_reduce_sum(v.g, n, s);
     const size_t b0 = std::max(v.lo, z3_own.begin), e0 = std::min(v.hi, z3_own.end);
     if (b0 < e0)
@@ -257,52 +284,64 @@ struct CudaTransformer::Impl {
     cm::memset0(v.g, n * sizeof(float), s);
   }
   void use_embed() {
-    if (!z3 || embed_held) return;
-    bf16* slot = z3_slot[0].as<bf16>();
-    z3_gather(0, layer0, slot);
-    win[0] = Window{0, layer0, slot, z3_scratch[0].as<float>()};
-    bind_embed_views();
+    if (!z3) return;
+    if (!embed_held) gather_block(0, 0, layer0);
     embed_held = true;
+    compute_waits(z3_ready[0]);
+    bind_embed_views();
+  }
+  void start_tail() {  // the tail's gather, ahead of use_tail
+    if (!z3 || tail_held) return;
+    gather_block(2, tail_begin, n_params);
+    tail_held = true;
   }
   void use_tail() {
     if (!z3) return;
     if (lm_head_off == embed_off) use_embed();
-    if (tail_held) return;
-    bf16* slot = z3_slot[2].as<bf16>();
-    z3_gather(tail_begin, n_params, slot);
-    win[2] = Window{tail_begin, n_params, slot, z3_scratch[2].as<float>()};
+    start_tail();
+    compute_waits(z3_ready[2]);
     bind_tail_views();
-    tail_held = true;
   }
-  void use_layer(int l) {
-    if (!z3 || held_layer == l) return;
+  void start_layer(int l) {
+    if (slot_layer[l % 2] == l) return;
     const size_t lo = layer0 + static_cast<size_t>(l) * layer_span;
-    bf16* slot = z3_slot[1].as<bf16>();
-    z3_gather(lo, lo + layer_span, slot);
-    win[1] = Window{lo, lo + layer_span, slot, z3_scratch[1].as<float>()};
+    gather_block(layer_block(l), lo, lo + layer_span);
+    slot_layer[l % 2] = l;
+  }
+  // Layer l for the compute stream, and `next`'s gather started (if in range): it goes to
+  // the other slot, whose previous layer's work is all issued by now.
+  void use_layer(int l, int next) {
+    if (!z3) return;
+    start_layer(l);
+    compute_waits(z3_ready[layer_block(l)]);
     bind_layer_views(l);
-    held_layer = l;
+    if (next >= 0 && next < c.num_hidden_layers) start_layer(next);
   }
   void drop_gathered() {
-    held_layer = -1;
+    slot_layer = {-1, -1};
     embed_held = tail_held = false;
   }
   void flush_embed() { if (z3) z3_flush(0); }
-  void flush_layer() { if (z3) z3_flush(1); }
+  void flush_layer(int l) { if (z3) z3_flush(layer_block(l)); }
   void flush_tail() { if (z3) z3_flush(2); }
   // An empty micro-batch: the gathers and flushes of a real one, in its order.
   void z3_walk(bool backward) {
     const int L = static_cast<int>(c.num_hidden_layers);
     use_embed();
-    for (int l = 0; l < L; ++l) use_layer(l);
-    use_tail();
-    if (!backward) return;
-    flush_tail();
-    for (int l = L - 1; l >= 0; --l) {
-      use_layer(l);
-      flush_layer();
+    for (int l = 0; l < L; ++l) {
+      use_layer(l, l + 1);
+      if (l == L - 1) start_tail();
     }
-    flush_embed();
+    use_tail();
+    if (backward) {
+      flush_tail();
+      for (int l = L - 1; l >= 0; --l) {
+        use_layer(l, l - 1);
+        flush_layer(l);
+      }
+      flush_embed();
+    }
+    z3_join();
   }
 
   // Full fine-tuning: dW [out, in] += dy^T x and db += column sums of dy, before the input
@@ -338,7 +377,6 @@ struct CudaTransformer::Impl {
     cudaDeviceProp prop{};
     FTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     dev_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
-    gemm.set_autotune(gemm_autotune_requested());
     if (quant_bits) {
       size_t off = 0;
       for (Proj p : kAllProj) {
@@ -458,6 +496,7 @@ struct CudaTransformer::Impl {
     for (int64_t s = 0; s < dims.S; ++s)
       max_seqlen = std::max(max_seqlen, mb.seq_start[s + 1] - mb.seq_start[s]);
     dims.attn_ws = flash ? cu::flash_attention_backward_workspace(attn_shape()) : 0;
+    dims.keep_mid = checkpointing && keep_mid_residuals;
     ensure_rope(mb.max_position() + 1);
 
     cm::Carver measure(nullptr);
@@ -564,13 +603,15 @@ struct CudaTransformer::Impl {
     A.att = b.att_saved[layer];
     A.lse = b.lse_saved[layer];
     A.u = b.u_saved[layer];
+    if (dims.keep_mid) A.x_mid = b.mid_saved[layer];
     return A;
   }
 
   // recompute: the checkpointed re-run of layer l during backward. It rebuilds what the
   // backward reads and nothing else: attention output, lse and the LoRA input products u
   // were kept (skip attention and every LoRA down product), and the layer's output is
-  // already stored (skip the down projection and the last residual add).
+  // already stored (skip the down projection and the last residual add). With keep_mid
+  // (selective recompute) x_mid was kept too: the o projection and its add are skipped.
   void layer_forward(int l, const cm::LoraCtx& lc, bool recompute = false) {
     const cm::DeviceLayer& L = w.layers[l];
     cm::LayerActs& A = acts_for(l);
@@ -606,8 +647,11 @@ struct CudaTransformer::Impl {
       else
         cu::naive_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
     }
-    lin_fwd(l, Proj::o, lc, b.tmp_h, A.att, recompute);
-    { Scope ps(&prof, Phase::elementwise, s); cu::residual_add(A.x_mid, x, b.tmp_h, N * H, s); }
+    if (!(recompute && dims.keep_mid)) {
+      lin_fwd(l, Proj::o, lc, b.tmp_h, A.att, recompute);
+      Scope ps(&prof, Phase::elementwise, s);
+      cu::residual_add(A.x_mid, x, b.tmp_h, N * H, s);
+    }
 
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn2, A.rstd2, A.x_mid, L.post_norm, N, H, eps, s); }
     mlp_gate_up(l, lc, A, recompute);
@@ -744,6 +788,7 @@ CudaTransformer::~CudaTransformer() = default;
 
 std::string CudaTransformer::name() const { return impl_->dev_name; }
 bool CudaTransformer::uses_flash() const { return impl_->flash; }
+void CudaTransformer::set_selective_recompute(bool on) { impl_->keep_mid_residuals = on; }
 size_t CudaTransformer::peak_bytes() const { return impl_->peak; }
 size_t CudaTransformer::weight_bytes() const { return impl_->w.bytes(); }
 bool CudaTransformer::sharded() const { return impl_->w.sharding.on; }
@@ -772,21 +817,22 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
   m.use_embed();
   m.embed();
   for (int l = 0; l < L; ++l) {
-    m.use_layer(l);
+    m.use_layer(l, l + 1);
+    if (l == L - 1) m.start_tail();
     m.layer_forward(l, lc);
   }
   m.use_tail();
   m.head(true, loss_scale);
   m.flush_tail();
   for (int l = L - 1; l >= 0; --l) {
-    m.use_layer(l);
+    m.use_layer(l, l - 1);
     // Under checkpointing the shared activations hold the last layer run: recompute.
     if (m.checkpointing && l != L - 1) {
       Scope ps(&m.prof, cm::Phase::recompute_total, m.stream.get());
       m.layer_forward(l, lc, true);
     }
     m.layer_backward(l, lc);
-    m.flush_layer();
+    m.flush_layer(l);
   }
   if (m.full) {  // b.dx = dLoss/d(embedding output): the rows go back to their tokens
     Scope ps(&m.prof, cm::Phase::full_grads, m.stream.get());
@@ -795,6 +841,7 @@ LossSum CudaTransformer::forward_backward_on_device(const MicroBatch& mb,
                            m.c.hidden_size, m.stream.get());
   }
   m.flush_embed();
+  m.z3_join();
   m.prof.count_micro_step();
   return m.finish_loss();  // synchronizes the stream
 }
@@ -817,12 +864,15 @@ LossSum CudaTransformer::forward_loss_on_device(const MicroBatch& mb, const Lora
   const cm::LoraCtx lc{&layout, params16, nullptr, 0.0, 0};
   m.use_embed();
   m.embed();
-  for (int l = 0; l < static_cast<int>(m.c.num_hidden_layers); ++l) {
-    m.use_layer(l);
+  const int L = static_cast<int>(m.c.num_hidden_layers);
+  for (int l = 0; l < L; ++l) {
+    m.use_layer(l, l + 1);
+    if (l == L - 1) m.start_tail();
     m.layer_forward(l, lc);
   }
   m.use_tail();
   m.head(false, 1.f);
+  m.z3_join();
   return m.finish_loss();
 }
 
@@ -862,12 +912,13 @@ void CudaTransformer::shard_full_finetuning(FullSharding sharding) {
     throw std::logic_error("shard_full_finetuning: several ranks need collectives");
   cm::use_device(m.device);
   m.z3_own = shard_range(m.n_params, sharding.rank, sharding.size);
-  const size_t sizes[3] = {m.layer0, m.layer_span, m.n_params - m.tail_begin};
-  for (int k = 0; k < 3; ++k) {
+  const size_t sizes[4] = {m.layer0, m.layer_span, m.n_params - m.tail_begin, m.layer_span};
+  for (int k = 0; k < 4; ++k) {
     m.z3_slot[k] = cu::DeviceBuffer(std::max<size_t>(sizes[k], 1) * sizeof(bf16));
     m.z3_scratch[k] = cu::DeviceBuffer(std::max<size_t>(sizes[k], 1) * sizeof(float));
     m.z3_scratch[k].zero();
   }
+  if (!m.z3_side) m.z3_side.emplace();
   m.z3 = std::move(sharding);
   m.win = {};
   m.drop_gathered();
@@ -878,16 +929,8 @@ void CudaTransformer::drop_gathered() { impl_->drop_gathered(); }
 
 size_t CudaTransformer::full_sharding_bytes() const {
   size_t n = 0;
-  for (int k = 0; k < 3; ++k) n += impl_->z3_slot[k].bytes() + impl_->z3_scratch[k].bytes();
+  for (int k = 0; k < 4; ++k) n += impl_->z3_slot[k].bytes() + impl_->z3_scratch[k].bytes();
   return n;
-}
-
-std::unique_ptr<TrainBackend> make_cuda_backend(const WeightSource& weights,
-                                                bool gradient_checkpointing, bool flash_attn,
-                                                int device, int quant_bits, bool offload_param,
-                                                const CudaTransformer::LayerSharding* zero3) {
-  return std::make_unique<CudaTransformer>(weights, gradient_checkpointing, flash_attn, device,
-                                           quant_bits, offload_param, zero3);
 }
 
 }  // namespace ftune

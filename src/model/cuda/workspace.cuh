@@ -48,6 +48,7 @@ struct Dims {
   int64_t chunk = 0;  // head rows per logits chunk
   int64_t rank = 0;
   size_t attn_ws = 0; // flash backward workspace bytes
+  bool keep_mid = false;  // checkpointing keeps each layer's x_mid (selective recompute)
 };
 
 struct Buffers {
@@ -60,6 +61,9 @@ struct Buffers {
   // ... and each layer's LoRA input products u (7 x [N, r]: 29 MB at the 8B shape, batch 4),
   // so the recompute runs no LoRA down product at all.
   std::vector<std::array<bf16*, kNumProj>> u_saved;
+  // ... and with Dims::keep_mid each layer's x_mid (x + attention's projection), so the
+  // recompute skips the o projection and its residual add (one [N, H] per layer).
+  std::vector<bf16*> mid_saved;
   bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *xd, *du;  // MLP grads: in acts
   bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
   float* lora_ws;                      // fused LoRA backward partial sums
@@ -88,7 +92,7 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
     a.rstd_k = c.qk_norm ? cv.take<float>(N * Hkv) : nullptr;
     a.att = ckpt ? nullptr : cv.take<bf16>(N * qd);
     a.lse = ckpt ? nullptr : cv.take<float>(N * Hq);
-    a.x_mid = cv.take<bf16>(N * H);
+    a.x_mid = d.keep_mid ? nullptr : cv.take<bf16>(N * H);  // keep_mid: mid_saved's
     a.xn2 = cv.take<bf16>(N * H);
     a.rstd2 = cv.take<float>(N);
     a.gate = cv.take<bf16>(N * I);
@@ -104,6 +108,8 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
   b.u_saved.assign(ckpt ? L : 0, {});
   for (auto& us : b.u_saved)
     for (auto& u : us) u = cv.take<bf16>(N * d.rank);
+  b.mid_saved.assign(ckpt && d.keep_mid ? L : 0, nullptr);
+  for (auto& m : b.mid_saved) m = cv.take<bf16>(N * H);
   b.tmp_h = cv.take<bf16>(N * H);
   b.dx = cv.take<bf16>(N * H);
   b.dxn = cv.take<bf16>(N * H);
