@@ -13,19 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_gemm.hpp"
 
 namespace cu = ftune::cuda;
+using cu::bench::random_bf16;
 
 namespace {
-
-cu::DeviceBuffer random_bf16(int64_t n, std::mt19937& g, float scale) {
-  std::normal_distribution<float> d(0.f, scale);
-  std::vector<cu::bf16> h(n);
-  for (auto& v : h) v = cu::to_bf16(d(g));
-  return cu::to_device(h);
-}
 
 struct Product {
   std::string model, name;

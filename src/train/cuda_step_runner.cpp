@@ -22,6 +22,7 @@
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
 #include "ftune/model/transformer_cuda.hpp"
+#include "cuda_adamw_state.hpp"
 
 namespace ftune {
 
@@ -33,28 +34,18 @@ class CudaStepRunner final : public StepRunner {
  public:
   CudaStepRunner(CudaTransformer& model, LoraAdapter& adapter, int stage, Communicator& comm,
                  const AdamWHyper& h)
-      : model_(model), layout_(adapter), comm_(comm), stage_(stage), hyper_(h),
-        n_(adapter.params.size()) {
+      : model_(model), layout_(adapter), comm_(comm), stage_(stage), n_(adapter.params.size()),
+        chunk_(padded_chunk(n_, comm.size())),
+        owned_(stage == 0 ? ShardRange{0, n_} : chunk_range(n_, chunk_, comm.rank())),
+        adam_(owned_, h) {
     if (stage < 0 || stage > 3) throw std::runtime_error("zero_stage must be 0, 1, 2 or 3");
-    const size_t W = static_cast<size_t>(comm.size());
-    if (W > 1) nccl_ = NcclCommunicator::create(comm);
-    // NCCL's reduce-scatter and all-gather want equal chunks: pad the vector to W chunks.
-    chunk_ = (n_ + W - 1) / W;
-    padded_ = chunk_ * W;
-    const size_t r = static_cast<size_t>(comm.rank());
-    owned_ = stage == 0 ? ShardRange{0, n_}
-                        : ShardRange{std::min(n_, r * chunk_), std::min(n_, (r + 1) * chunk_)};
+    if (comm.size() > 1) nccl_ = NcclCommunicator::create(comm);
+    padded_ = chunk_ * static_cast<size_t>(comm.size());
     master_ = cu::DeviceBuffer(padded_ * sizeof(float));
     params16_ = cu::DeviceBuffer(n_ * sizeof(cu::bf16));
     grads_ = cu::DeviceBuffer(padded_ * sizeof(float));
-    m_ = cu::DeviceBuffer(std::max<size_t>(owned_.size(), 1) * sizeof(float));
-    v_ = cu::DeviceBuffer(std::max<size_t>(owned_.size(), 1) * sizeof(float));
-    scalars_ = cu::DeviceBuffer(4 * sizeof(float));  // sumsq, norm, scale
-    reduce_ws_ = cu::DeviceBuffer(cu::kReduceWorkspaceFloats * sizeof(float));
     master_.zero();
     grads_.zero();
-    m_.zero();
-    v_.zero();
     params_from_host(adapter);
   }
 
@@ -73,51 +64,26 @@ class CudaStepRunner final : public StepRunner {
   double step(double lr, double max_grad_norm) override {
     const cu::stream_t s = model_.stream();
     float* g = grads_.as<float>();
-    float* sumsq = scalars_.as<float>();
-    float* norm = sumsq + 1;
-    float* scale = sumsq + 2;
     const size_t r = static_cast<size_t>(comm_.rank());
     const float* g_owned = g + owned_.begin;
     if (stage_ >= 2 && nccl_) {  // ZeRO-3: the adapter as ZeRO-2 (frozen weights: the backend)
       // In place: rank r's summed chunk lands at g + r * chunk = g + owned.begin.
       nccl_->reduce_scatter_sum(g, g + r * chunk_, chunk_, s);
-      cu::reduce_sum(sumsq, g_owned, static_cast<int64_t>(owned_.size()), true, false,
-                     reduce_ws_.as<float>(), s);
-      nccl_->all_reduce_sum(sumsq, 1, s);
+      nccl_->all_reduce_sum(adam_.squared_norm(g_owned, static_cast<int64_t>(owned_.size()), s),
+                            1, s);
     } else {
       if (nccl_) nccl_->all_reduce_sum(g, n_, s);
-      cu::reduce_sum(sumsq, g, static_cast<int64_t>(n_), true, false, reduce_ws_.as<float>(), s);
+      adam_.squared_norm(g, static_cast<int64_t>(n_), s);
     }
-    cu::clip_scale(scale, norm, sumsq, max_grad_norm, s);
-    ++step_count_;
-    const cu::AdamWScalars k = cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2,
-                                                 hyper_.eps, hyper_.weight_decay);
-    if (decay_runs_.empty()) {
-      cu::adamw_step(master_.as<float>() + owned_.begin, g_owned, m_.as<float>(), v_.as<float>(),
-                     static_cast<int64_t>(owned_.size()), k, scale, s);
-    } else {
-      // Full fine-tuning's exemptions (biases, norms): one launch per run of equal decay
-      // within the owned range, the exempt runs with weight_decay 0.
-      const cu::AdamWScalars k0 =
-          cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2, hyper_.eps, 0.0);
-      for (const DecayRun& d : decay_runs_) {
-        const size_t b = std::max(d.begin, owned_.begin), e = std::min(d.end, owned_.end);
-        if (b >= e) continue;
-        const size_t o = b - owned_.begin;
-        cu::adamw_step(master_.as<float>() + b, g + b, m_.as<float>() + o, v_.as<float>() + o,
-                       static_cast<int64_t>(e - b), d.decays ? k : k0, scale, s);
-      }
-    }
+    adam_.clip(max_grad_norm, s);
+    adam_.update(master_.as<float>() + owned_.begin, g_owned, lr, s);
     if (stage_ > 0 && nccl_) {
       float* p = master_.as<float>();
       nccl_->all_gather(p + r * chunk_, p, chunk_, s);
     }
     cu::to_bf16(params16_.as<cu::bf16>(), master_.as<float>(), static_cast<int64_t>(n_), s);
     cu::zero_async(g, static_cast<int64_t>(padded_), s);
-    float host_norm = 0;
-    cu::copy_to_host_async(&host_norm, norm, sizeof(float), s);
-    cu::synchronize(s);
-    return host_norm;
+    return adam_.norm_on_host(s);
   }
 
   void params_to_host(LoraAdapter& a) override {
@@ -136,13 +102,7 @@ class CudaStepRunner final : public StepRunner {
   void set_decay_mask(std::span<const uint8_t> decays) override {
     if (decays.size() != n_)
       throw std::runtime_error("CudaStepRunner: decay mask size differs from the parameters");
-    decay_runs_.clear();
-    for (size_t i = 0; i < n_;) {
-      size_t j = i;
-      while (j < n_ && (decays[j] != 0) == (decays[i] != 0)) ++j;
-      decay_runs_.push_back({i, j, decays[i] != 0});
-      i = j;
-    }
+    adam_.set_decay_mask(decays);
   }
 
   ShardRange owned() const override { return owned_; }
@@ -155,28 +115,13 @@ class CudaStepRunner final : public StepRunner {
     OptimizerShard out;
     out.rank = comm_.rank();
     out.world_size = comm_.size();
-    out.begin = e.begin;
-    out.end = e.end;
-    out.step = step_count_;
-    out.m.resize(e.size());
-    out.v.resize(e.size());
-    const size_t off = e.begin - owned_.begin;
-    const cu::stream_t s = model_.stream();
-    cu::copy_to_host_async(out.m.data(), m_.as<float>() + off, e.size() * sizeof(float), s);
-    cu::copy_to_host_async(out.v.data(), v_.as<float>() + off, e.size() * sizeof(float), s);
-    cu::synchronize(s);
+    adam_.export_moments(out, e, model_.stream());
     out.master.assign(params.begin() + e.begin, params.begin() + e.end);
     return out;
   }
 
   void import_shard(const OptimizerShard& sh, std::span<float> params) override {
-    if (sh.begin != owned_.begin || sh.end != owned_.end)
-      throw std::runtime_error("optimizer shard range does not match this rank's");
-    step_count_ = sh.step;
-    const cu::stream_t s = model_.stream();
-    cu::copy_to_device_async(m_.get(), sh.m.data(), sh.m.size() * sizeof(float), s);
-    cu::copy_to_device_async(v_.get(), sh.v.data(), sh.v.size() * sizeof(float), s);
-    cu::synchronize(s);
+    adam_.import_moments(sh, model_.stream());
     std::copy(sh.master.begin(), sh.master.end(), params.begin() + owned_.begin);
   }
 
@@ -185,17 +130,21 @@ class CudaStepRunner final : public StepRunner {
   const LoraAdapter& layout_;  // slots and spec; its params are not read while training
   Communicator& comm_;
   int stage_;
-  AdamWHyper hyper_;
-  size_t n_, chunk_ = 0, padded_ = 0;
+  size_t n_, chunk_, padded_ = 0;
   ShardRange owned_;
+  CudaAdamWState adam_;  // over owned_
   std::unique_ptr<NcclCommunicator> nccl_;
-  cu::DeviceBuffer master_, params16_, grads_, m_, v_, scalars_, reduce_ws_;
-  int64_t step_count_ = 0;
-  struct DecayRun {
-    size_t begin, end;
-    bool decays;
-  };
-  std::vector<DecayRun> decay_runs_;  // empty: every parameter decays
+  cu::DeviceBuffer master_, params16_, grads_;
+
+  // NCCL's reduce-scatter and all-gather want equal chunks: the vector padded to W chunks.
+  static size_t padded_chunk(size_t n, int world) {
+    const size_t W = static_cast<size_t>(world);
+    return (n + W - 1) / W;
+  }
+  static ShardRange chunk_range(size_t n, size_t chunk, int rank) {
+    const size_t r = static_cast<size_t>(rank);
+    return ShardRange{std::min(n, r * chunk), std::min(n, (r + 1) * chunk)};
+  }
 };
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "ftune/kernels/cuda_device.hpp"
 #include "ftune/kernels/cuda_optim.hpp"
 #include "ftune/model/transformer_cuda.hpp"
+#include "cuda_adamw_state.hpp"
 
 namespace ftune {
 
@@ -31,8 +32,9 @@ class CudaZero3FullStepRunner final : public StepRunner {
  public:
   CudaZero3FullStepRunner(CudaTransformer& model, const LoraAdapter& full, Communicator& comm,
                           const AdamWHyper& h, CudaTransformer::FullSharding sharding)
-      : model_(model), comm_(comm), hyper_(h), n_(full.params.size()),
-        own_(shard_range(n_, comm.rank(), comm.size())), all_reduce_(sharding.all_reduce_sum) {
+      : model_(model), comm_(comm), n_(full.params.size()),
+        own_(shard_range(n_, comm.rank(), comm.size())), adam_(own_, h),
+        all_reduce_(sharding.all_reduce_sum) {
     layout_.spec = full.spec;
     layout_.model = full.model;
     layout_.slot_of = full.slot_of;
@@ -41,13 +43,7 @@ class CudaZero3FullStepRunner final : public StepRunner {
     master_ = cu::DeviceBuffer(k * sizeof(float));
     params16_ = cu::DeviceBuffer(k * sizeof(cu::bf16));
     grads_ = cu::DeviceBuffer(k * sizeof(float));
-    m_ = cu::DeviceBuffer(k * sizeof(float));
-    v_ = cu::DeviceBuffer(k * sizeof(float));
-    scalars_ = cu::DeviceBuffer(4 * sizeof(float));
-    reduce_ws_ = cu::DeviceBuffer(cu::kReduceWorkspaceFloats * sizeof(float));
     grads_.zero();
-    m_.zero();
-    v_.zero();
     params_from_host(full);
   }
 
@@ -65,34 +61,16 @@ class CudaZero3FullStepRunner final : public StepRunner {
   double step(double lr, double max_grad_norm) override {
     const cu::stream_t s = model_.stream();
     float* g = grads_.as<float>();
-    float* sumsq = scalars_.as<float>();
-    float* norm = sumsq + 1;
-    float* scale = sumsq + 2;
     const int64_t n = static_cast<int64_t>(own_.size());
-    cu::reduce_sum(sumsq, g, n, true, false, reduce_ws_.as<float>(), s);
+    float* sumsq = adam_.squared_norm(g, n, s);
     if (comm_.size() > 1) all_reduce_(sumsq, 1, s);
-    cu::clip_scale(scale, norm, sumsq, max_grad_norm, s);
-    ++step_count_;
-    const cu::AdamWScalars k = cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2,
-                                                 hyper_.eps, hyper_.weight_decay);
-    if (decay_runs_.empty()) {
-      cu::adamw_step(master_.as<float>(), g, m_.as<float>(), v_.as<float>(), n, k, scale, s);
-    } else {  // full fine-tuning's exemptions, per run of equal decay within the range
-      const cu::AdamWScalars k0 =
-          cu::adamw_scalars(step_count_, lr, hyper_.beta1, hyper_.beta2, hyper_.eps, 0.0);
-      for (const DecayRun& d : decay_runs_) {
-        const size_t o = d.begin - own_.begin;
-        cu::adamw_step(master_.as<float>() + o, g + o, m_.as<float>() + o, v_.as<float>() + o,
-                       static_cast<int64_t>(d.end - d.begin), d.decays ? k : k0, scale, s);
-      }
-    }
+    adam_.clip(max_grad_norm, s);
+    adam_.update(master_.as<float>(), g, lr, s);
     cu::to_bf16(params16_.as<cu::bf16>(), master_.as<float>(), n, s);
     cu::zero_async(g, n, s);
-    float host_norm = 0;
-    cu::copy_to_host_async(&host_norm, norm, sizeof(float), s);
-    cu::synchronize(s);
+    const float norm = adam_.norm_on_host(s);
     model_.drop_gathered();
-    return host_norm;
+    return norm;
   }
 
   // Collective: every rank ends with the whole vector.
@@ -117,13 +95,7 @@ class CudaZero3FullStepRunner final : public StepRunner {
   }
   void set_decay_mask(std::span<const uint8_t> decays) override {
     if (decays.size() != n_) throw std::runtime_error("ZeRO-3 step runner: decay mask size");
-    decay_runs_.clear();
-    for (size_t i = own_.begin; i < own_.end;) {
-      size_t j = i;
-      while (j < own_.end && (decays[j] != 0) == (decays[i] != 0)) ++j;
-      decay_runs_.push_back({i, j, decays[i] != 0});
-      i = j;
-    }
+    adam_.set_decay_mask(decays);
   }
   ShardRange owned() const override { return own_; }
   size_t state_bytes() const override { return 3 * own_.size() * sizeof(float); }
@@ -131,46 +103,26 @@ class CudaZero3FullStepRunner final : public StepRunner {
     OptimizerShard out;
     out.rank = comm_.rank();
     out.world_size = comm_.size();
-    out.begin = own_.begin;
-    out.end = own_.end;
-    out.step = step_count_;
-    out.m.resize(own_.size());
-    out.v.resize(own_.size());
-    out.master.resize(own_.size());
     const cu::stream_t s = model_.stream();
-    const size_t bytes = own_.size() * sizeof(float);
-    cu::copy_to_host_async(out.m.data(), m_.get(), bytes, s);
-    cu::copy_to_host_async(out.v.data(), v_.get(), bytes, s);
-    cu::copy_to_host_async(out.master.data(), master_.get(), bytes, s);
-    cu::synchronize(s);
+    out.master.resize(own_.size());
+    cu::copy_to_host_async(out.master.data(), master_.get(), own_.size() * sizeof(float), s);
+    adam_.export_moments(out, own_, s);  // waits for the stream
     return out;
   }
   void import_shard(const OptimizerShard& sh, std::span<float> params) override {
-    if (sh.begin != own_.begin || sh.end != own_.end)
-      throw std::runtime_error("optimizer shard range does not match this rank's");
-    step_count_ = sh.step;
-    const cu::stream_t s = model_.stream();
-    cu::copy_to_device_async(m_.get(), sh.m.data(), sh.m.size() * sizeof(float), s);
-    cu::copy_to_device_async(v_.get(), sh.v.data(), sh.v.size() * sizeof(float), s);
-    cu::synchronize(s);
+    adam_.import_moments(sh, model_.stream());
     if (params.size() == n_) std::copy(sh.master.begin(), sh.master.end(), params.begin() + own_.begin);
   }
 
  private:
   CudaTransformer& model_;
   Communicator& comm_;
-  AdamWHyper hyper_;
   size_t n_;
   ShardRange own_;
+  CudaAdamWState adam_;  // over own_
   std::function<void(float*, size_t, cu::stream_t)> all_reduce_;
   LoraAdapter layout_;  // the full model's shape (no slots), without its values
-  cu::DeviceBuffer master_, params16_, grads_, m_, v_, scalars_, reduce_ws_;
-  int64_t step_count_ = 0;
-  struct DecayRun {
-    size_t begin, end;
-    bool decays;
-  };
-  std::vector<DecayRun> decay_runs_;  // within the owned range; empty: every parameter decays
+  cu::DeviceBuffer master_, params16_, grads_;
 };
 
 }  // namespace
