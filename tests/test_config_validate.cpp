@@ -102,6 +102,12 @@ TEST_CASE("range errors name the key and the value") {
   // One quantisation at a time.
   CHECK(contains(rejection([](TrainConfig& c) { c.load_in_8bit = c.load_in_4bit = true; }),
                  "load_in_8bit and load_in_4bit"));
+  // Selective recompute picks what checkpointing keeps: without checkpointing it is an error.
+  CHECK(contains(rejection([](TrainConfig& c) { c.selective_recompute = true; }),
+                 "selective_recompute = true needs gradient_checkpointing = true"));
+  CHECK(rejection([](TrainConfig& c) {
+          c.selective_recompute = c.gradient_checkpointing = true;
+        }) == "");
   // A value outside the allowed set is reported once, not also as "not yet supported".
   CHECK_FALSE(contains(rejection([](TrainConfig& c) { c.zero_stage = 4; }), "not yet supported"));
 }

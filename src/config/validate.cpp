@@ -70,6 +70,9 @@ void validate_train_config(const TrainConfig& c) {
   if (c.target_modules.empty()) errors.push_back("target_modules must name at least one module");
   if (c.load_in_8bit && c.load_in_4bit)
     errors.push_back("load_in_8bit and load_in_4bit are both true: choose one");
+  if (c.selective_recompute && !c.gradient_checkpointing)
+    errors.push_back("selective_recompute = true needs gradient_checkpointing = true (it "
+                     "chooses what the checkpointed recompute keeps)");
 
   need(c.learning_rate >= 0, "learning_rate", "must be >= 0");
   need(c.num_train_epochs > 0 || c.max_steps > 0, "num_train_epochs",
