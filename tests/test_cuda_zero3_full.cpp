@@ -1,5 +1,6 @@
 // ZeRO-3 full fine-tuning on the CUDA backend (CudaTransformer::shard_full_finetuning and
-// its step runner): on one rank it is the GPU runner's stage 0 bit for bit (same gradients,
+// its step runners, the optimizer on the GPU or offloaded to the host): on one rank it is
+// the GPU (or offload) runner's stage 0 bit for bit (same gradients,
 // norm, AdamW and bf16 copies; an empty micro-batch included); over two ranks (two threads
 // on one GPU, the collectives staged through host memory) it follows one rank that
 // accumulates both ranks' micro-batches, a rank with an empty micro-batch included, and
@@ -9,6 +10,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <span>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -38,13 +41,20 @@ ftune::ModelConfig config(const std::string& type) {
 }
 
 // A rank of a world whose collectives the step runner does not use (they go through
-// FullSharding): rank and size only.
+// FullSharding): rank and size only, and (sum_doubles, the offload runner's squared norm) a
+// double all-reduce when given one.
 class NoCollectives final : public ftune::Communicator {
  public:
-  NoCollectives(int rank, int size) { w_.rank = rank, w_.size = size; }
+  NoCollectives(int rank, int size, std::function<void(std::span<double>)> sum_doubles = {})
+      : sum_doubles_(std::move(sum_doubles)) {
+    w_.rank = rank, w_.size = size;
+  }
   const ftune::WorldInfo& world() const override { return w_; }
   void all_reduce_sum(std::span<float>) override { fail(); }
-  void all_reduce_sum(std::span<double>) override { fail(); }
+  void all_reduce_sum(std::span<double> x) override {
+    if (!sum_doubles_) fail();
+    sum_doubles_(x);
+  }
   void reduce_scatter_sum(std::span<const float>, std::span<float>) override { fail(); }
   void all_gather(std::span<const float>, std::span<float>) override { fail(); }
   void broadcast(std::span<std::byte>, int) override { fail(); }
@@ -55,6 +65,7 @@ class NoCollectives final : public ftune::Communicator {
  private:
   [[noreturn]] static void fail() { throw std::logic_error("NoCollectives: not expected"); }
   ftune::WorldInfo w_;
+  std::function<void(std::span<double>)> sum_doubles_;
 };
 
 // Two threads' collectives on one GPU, through host memory (NCCL wants a GPU per rank).
@@ -62,6 +73,17 @@ struct HostExchange {
   std::barrier<> sync{2};
   std::vector<char> bytes;
   std::vector<float> parts[2];
+  std::vector<double> dparts[2];
+
+  // The host all-reduce of doubles (summed in rank order).
+  std::function<void(std::span<double>)> sum_doubles(int rank) {
+    return [this, rank](std::span<double> x) {
+      dparts[rank].assign(x.begin(), x.end());
+      sync.arrive_and_wait();
+      for (size_t i = 0; i < x.size(); ++i) x[i] = dparts[0][i] + dparts[1][i];
+      sync.arrive_and_wait();
+    };
+  }
 
   ftune::CudaTransformer::FullSharding sharding(int rank) {
     ftune::CudaTransformer::FullSharding z;
@@ -108,8 +130,11 @@ std::vector<ftune::MicroBatch> batches(const ftune::ModelConfig& c) {
 
 TEST_CASE("cuda: ZeRO-3 full fine-tuning on one rank = the GPU runner's stage 0, bit for bit") {
   REQUIRE_GPU();
+  // offload: offload_optimizer = "cpu", against the offload runner's stage 0.
+  for (const bool offload : {false, true})
   for (const std::string type : {"qwen2", "llama"}) {
     CAPTURE(type);
+    CAPTURE(offload);
     const ftune::ModelConfig cfg = config(type);
     ftune::BaseWeights w;
     ftune::mtest::build_model(w, cfg, 9, 0.08);
@@ -120,9 +145,13 @@ TEST_CASE("cuda: ZeRO-3 full fine-tuning on one rank = the GPU runner's stage 0,
     h.weight_decay = 0.1;
     ftune::CudaTransformer g0(cfg, true, true, 0, ftune::CudaTransformer::FullFineTuning{});
     ftune::CudaTransformer g3(cfg, true, true, 0, ftune::CudaTransformer::FullFineTuning{});
-    auto r0 = ftune::make_cuda_step_runner(g0, plain, 0, one, h);
-    auto r3 = ftune::make_cuda_zero3_full_step_runner(g3, full, one, h,
-                                                      ftune::CudaTransformer::FullSharding{});
+    ftune::LoraAdapter f = full;
+    auto r0 = offload ? ftune::make_cuda_offload_step_runner(g0, plain, 0, one, h)
+                      : ftune::make_cuda_step_runner(g0, plain, 0, one, h);
+    auto r3 = offload ? ftune::make_cuda_zero3_offload_full_step_runner(
+                            g3, f, one, h, ftune::CudaTransformer::FullSharding{})
+                      : ftune::make_cuda_zero3_full_step_runner(
+                            g3, full, one, h, ftune::CudaTransformer::FullSharding{});
     const std::vector<uint8_t> decays = ftune::full_finetune_decay_mask(cfg);
     r0->set_decay_mask(decays);
     r3->set_decay_mask(decays);
@@ -149,8 +178,16 @@ TEST_CASE("cuda: ZeRO-3 full fine-tuning on one rank = the GPU runner's stage 0,
 
 TEST_CASE("cuda: ZeRO-3 full fine-tuning over 2 ranks (threads, one GPU) follows 1 rank") {
   REQUIRE_GPU();
+  // offload: the optimizer on the host (offload_optimizer = "cpu"), the same comparison.
+  for (const bool offload : {false, true})
   for (const std::string type : {"qwen2", "llama"}) {
     CAPTURE(type);
+    CAPTURE(offload);
+    auto make = [&](ftune::CudaTransformer& g, ftune::LoraAdapter& f, ftune::Communicator& c,
+                    const ftune::AdamWHyper& hy, ftune::CudaTransformer::FullSharding z) {
+      return offload ? ftune::make_cuda_zero3_offload_full_step_runner(g, f, c, hy, std::move(z))
+                     : ftune::make_cuda_zero3_full_step_runner(g, f, c, hy, std::move(z));
+    };
     const ftune::ModelConfig cfg = config(type);
     ftune::BaseWeights w;
     ftune::mtest::build_model(w, cfg, 13, 0.08);
@@ -172,8 +209,8 @@ TEST_CASE("cuda: ZeRO-3 full fine-tuning over 2 ranks (threads, one GPU) follows
     {
       NoCollectives one(0, 1);
       ftune::CudaTransformer g(cfg, true, true, 0, ftune::CudaTransformer::FullFineTuning{});
-      auto r = ftune::make_cuda_zero3_full_step_runner(g, full, one, h,
-                                                       ftune::CudaTransformer::FullSharding{});
+      ftune::LoraAdapter f = full;
+      auto r = make(g, f, one, h, ftune::CudaTransformer::FullSharding{});
       r->set_decay_mask(decays);
       for (int step = 0; step < 3; ++step) {
         double loss = 0;
@@ -192,9 +229,10 @@ TEST_CASE("cuda: ZeRO-3 full fine-tuning over 2 ranks (threads, one GPU) follows
     std::string error[2];
     auto rank_main = [&](int rank) {
       try {
-        NoCollectives me(rank, 2);
+        NoCollectives me(rank, 2, ex.sum_doubles(rank));
         ftune::CudaTransformer g(cfg, true, true, 0, ftune::CudaTransformer::FullFineTuning{});
-        auto r = ftune::make_cuda_zero3_full_step_runner(g, full, me, h, ex.sharding(rank));
+        ftune::LoraAdapter f = full;
+        auto r = make(g, f, me, h, ex.sharding(rank));
         r->set_decay_mask(decays);
         for (int step = 0; step < 3; ++step) {
           loss[rank].push_back(r->accumulate(mine(step, rank), 0.01f, 0).loss_sum);

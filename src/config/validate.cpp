@@ -22,11 +22,6 @@ struct NotYet {
 // (and its case in tests/test_config_validate.cpp).
 // ============================================================================
 const NotYet kNotYetSupported[] = {
-    {"zero_stage", [](const TrainConfig& c) {
-       return c.zero_stage == 3 && !c.use_peft && c.device == "cuda" &&
-              c.offload_optimizer == "cpu"; },
-     "ZeRO-3 full fine-tuning with offload_optimizer = \"cpu\" on GPUs is planned: use "
-     "zero_stage = 3 with the optimizer on the GPUs, or zero_stage = 2 with the offload"},
     {"use_peft", [](const TrainConfig& c) {
        return !c.use_peft && (c.load_in_8bit || c.load_in_4bit); },
      "full fine-tuning of quantised base weights is not planned (QLoRA trains adapters): "

@@ -137,10 +137,7 @@ std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(
                                                    std::move(sharding));
 }
 
-std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(TrainBackend& model,
-                                                             const LoraAdapter& full_model,
-                                                             Communicator& comm,
-                                                             const AdamWHyper& h) {
+CudaTransformer::FullSharding nccl_full_sharding(Communicator& comm) {
   CudaTransformer::FullSharding z;
   z.rank = comm.rank();
   z.size = comm.size();
@@ -156,7 +153,14 @@ std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(TrainBackend& model
       nccl->all_reduce_sum(data, n, s);
     };
   }
-  return make_cuda_zero3_full_step_runner(model, full_model, comm, h, std::move(z));
+  return z;
+}
+
+std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(TrainBackend& model,
+                                                             const LoraAdapter& full_model,
+                                                             Communicator& comm,
+                                                             const AdamWHyper& h) {
+  return make_cuda_zero3_full_step_runner(model, full_model, comm, h, nccl_full_sharding(comm));
 }
 
 }  // namespace ftune

@@ -392,11 +392,6 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
     // The CUDA backend converts (and quantises) the weights tensor by tensor as it reads
     // them; host memory never holds the fp32 model. The CPU backend computes with it.
     run.on_cuda = uses_cuda_backend(cfg, run.comm.world());
-    if (run.on_cuda && !cfg.use_peft && cfg.zero_stage == 3 && cfg.offload_optimizer == "cpu")
-      throw std::runtime_error(
-          "zero_stage = 3 with use_peft = false and offload_optimizer = \"cpu\" on a GPU is "
-          "planned: use zero_stage = 3 with the optimizer on the GPUs, or zero_stage = 2 with "
-          "offload_optimizer = \"cpu\"");
     // Full fine-tuning trains (and saves) the whole model from its host copy; ZeRO-3 on the
     // CPU reads only this rank's shards (make_backend).
     if (needs_host_weights(cfg, run.on_cuda)) {
@@ -481,7 +476,9 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
   on_all_ranks(comm, [&] {
     if (sharded_params && run.on_cuda) {
 #if FTUNE_HAVE_CUDA
-      runner = make_cuda_zero3_full_step_runner(*backend, adapter, comm, hyper);
+      runner = cfg.offload_optimizer == "cpu"
+                   ? make_cuda_zero3_offload_full_step_runner(*backend, adapter, comm, hyper)
+                   : make_cuda_zero3_full_step_runner(*backend, adapter, comm, hyper);
 #endif
     } else if (sharded_params) {
       runner = make_zero3_full_step_runner(adapter, comm, hyper, cfg.gradient_checkpointing);

@@ -94,6 +94,20 @@ std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(TrainBackend& model
 std::unique_ptr<StepRunner> make_cuda_zero3_full_step_runner(
     TrainBackend& model, const LoraAdapter& full_model, Communicator& comm,
     const AdamWHyper& hyper, CudaTransformer::FullSharding sharding);
+// ... with offload_optimizer = "cpu": this rank's range of masters and moments in host
+// memory, its bf16 copy and gradient on the GPU (the offload runner's streamed step over the
+// range; the squared norm all-reduced over `comm`). full_model's params are read once; its
+// spec and shape serve as the layout while training.
+std::unique_ptr<StepRunner> make_cuda_zero3_offload_full_step_runner(TrainBackend& model,
+                                                                     LoraAdapter& full_model,
+                                                                     Communicator& comm,
+                                                                     const AdamWHyper& hyper);
+std::unique_ptr<StepRunner> make_cuda_zero3_offload_full_step_runner(
+    TrainBackend& model, LoraAdapter& full_model, Communicator& comm, const AdamWHyper& hyper,
+    CudaTransformer::FullSharding sharding);
+// The NCCL collectives (a communicator of their own) both ZeRO-3 full fine-tuning runners
+// give the backend over several ranks; no collectives on one.
+CudaTransformer::FullSharding nccl_full_sharding(Communicator& comm);
 #endif
 // Host bytes of model state (shards, gathered blocks, gradient scratch) such a runner holds
 // on this rank; 0 for other runners.
