@@ -5,7 +5,8 @@
 # the steps named on the command line, logging each to $OUT/STEP.log:
 #   build  test  lora  gemm  bench  bench_sel  profile  (lora: tools/bench_lora.cpp; gemm:
 #   tools/bench_gemm.cpp; bench/profile: 8B shape, batch 4, checkpointing on, ftune alone
-#   (bench_sel: the same with selective_recompute); hf: HF+PEFT eager and compiled on the same case;
+#   (bench_sel: the same with selective_recompute; PROFILE_ARGS: more train arguments for
+#   profile); hf: HF+PEFT eager and compiled on the same case;
 #   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights;
 #   attn: our flash attention against torch SDPA at the two shapes; big:
 #   tools/bench_big_models.py, the cases in $BIG_CASES, default all; shape:mode:batch:ranks
@@ -61,7 +62,8 @@ for s in "$@"; do
                --train_file_dir "$WORK/data_8b.jsonl" --output_dir /tmp/ftune_prof --overwrite_output_dir true \
                --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_steps 4 \
                --gradient_checkpointing true --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 \
-               --logging_steps 1 --validation_split_percentage 0 --model_max_length 2048 --save_steps 0
+               --logging_steps 1 --validation_split_percentage 0 --model_max_length 2048 --save_steps 0 \
+               ${PROFILE_ARGS:-}
              tail -25 "$OUT/profile.log" ;;
     quant) step quant bash tools/gpu_quant_gap.sh build/ftune "$WORK" "$OUT/quant"
            cat "$OUT/quant/quant_gap.md" ;;
