@@ -6,7 +6,7 @@
 #   build  test  lora  gemm  bench  bench_sel  profile  (lora: tools/bench_lora.cpp; gemm:
 #   tools/bench_gemm.cpp; bench/profile: 8B shape, batch 4, checkpointing on, ftune alone
 #   (bench_sel: the same with selective_recompute; PROFILE_ARGS: more train arguments for
-#   profile); hf: HF+PEFT eager and compiled on the same case;
+#   profile); hf: HF+PEFT eager and compiled on the same case (hf_eager: eager only);
 #   quant: 200 steps of the benchmark's data on the 1B shape in bf16, int8 and NF4 weights;
 #   attn: our flash attention against torch SDPA at the two shapes; big:
 #   tools/bench_big_models.py, the cases in $BIG_CASES, default all; shape:mode:batch:ranks
@@ -50,6 +50,9 @@ for s in "$@"; do
     hf) step hf python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench" --work "$WORK" \
           --shapes 8b --batches 4 --checkpointing on --impls hf_eager,hf_compiled --steps 5 --warmup 3 --timeout 250 --tag hf
         tail -8 "$OUT/hf.log" ;;
+    hf_eager) step hf_eager python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench" --work "$WORK" \
+          --shapes 8b --batches 4 --checkpointing on --impls hf_eager --steps 5 --warmup 3 --timeout 250 --tag hf_eager
+        tail -8 "$OUT/hf_eager.log" ;;
     bench) step bench python3 tools/bench_train.py --ftune build/ftune --out "$OUT/bench" --work "$WORK" \
              --shapes 8b --batches 4 --checkpointing on --impls ftune --steps 6 --warmup 2
            tail -8 "$OUT/bench.log" ;;
