@@ -116,6 +116,14 @@ TEST_CASE("cuda: gate/up LoRA terms fused with SwiGLU vs cpu") {
     CHECK(err(down(dG, N * I), g_ref) < kTol);
     CHECK(err(down(dU, N * I), u_ref) < kTol);
     CHECK(err(down(dH, N * I), h_ref) < kTol);
+    // keep_gate_up = false: the same h, gate and up left as they were.
+    auto dG2 = up(g0), dU2 = up(u0), dH2 = up(F(N * I, 123.f));
+    cu::lora_swiglu_forward(dH2.as<cu::bf16>(), dG2.as<cu::bf16>(), dU2.as<cu::bf16>(),
+                            dUg.as<cu::bf16>(), dUu.as<cu::bf16>(), dBg.as<cu::bf16>(),
+                            dBu.as<cu::bf16>(), N, I, r, scale, nullptr, false);
+    CHECK(down(dH2, N * I) == down(dH, N * I));
+    CHECK(down(dG2, N * I) == down(up(g0), N * I));
+    CHECK(down(dU2, N * I) == down(up(u0), N * I));
   }
   CHECK_FALSE(cu::lora_swiglu_supported(16, 64, nullptr, nullptr, nullptr, nullptr, nullptr));
 }

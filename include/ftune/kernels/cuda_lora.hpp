@@ -49,10 +49,12 @@ void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t o
 
 // The MLP's gate and up LoRA terms fused with SwiGLU: gate, up [N, I] updated in place, h
 // [N, I] written; u_* [N, r]; B_* [I, r]. Supported when lora_swiglu_supported (r <= 8).
+// keep_gate_up = false writes h only (gate and up keep the products without their LoRA
+// terms): for a checkpointed forward whose backward recomputes gate and up anyway.
 bool lora_swiglu_supported(int64_t r, int64_t I, const void* gate, const void* up,
                            const void* h, const void* u_gate, const void* u_up);
 void lora_swiglu_forward(bf16* h, bf16* gate, bf16* up, const bf16* u_gate, const bf16* u_up,
                          const bf16* B_gate, const bf16* B_up, int64_t N, int64_t I, int64_t r,
-                         float scale, stream_t stream);
+                         float scale, stream_t stream, bool keep_gate_up = true);
 
 }  // namespace ftune::cuda

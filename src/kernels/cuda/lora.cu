@@ -282,8 +282,10 @@ __global__ void __launch_bounds__(kUpThreads)
 // gate += scale u_g B_g^T and up += scale u_u B_u^T (each rounded to bf16 once and written
 // back: the backward reads them), then h = silu(gate) up from the rounded values, exactly as
 // rank_up_kernel twice followed by swiglu_forward, in one pass over gate and up instead of
-// three. Rank tile 8 only (two B slices live in registers).
+// three. Rank tile 8 only (two B slices live in registers). KEEP = false skips writing gate
+// and up back (a checkpointed forward whose backward recomputes them needs h alone).
 constexpr int kSwiRows = 32;
+template <bool KEEP>
 __global__ void __launch_bounds__(kUpThreads)
     swiglu_up_kernel(__nv_bfloat16* h, __nv_bfloat16* gate, __nv_bfloat16* up,
                      const __nv_bfloat16* ug, const __nv_bfloat16* uu, const __nv_bfloat16* Bg,
@@ -324,8 +326,10 @@ __global__ void __launch_bounds__(kUpThreads)
         u[e] = __bfloat162float(__float2bfloat16_rn(u[e] + alpha * accu));
         hv[e] = g[e] / (1.f + expf(-g[e])) * u[e];
       }
-      store8(gate + (n + j) * I + c, g);
-      store8(up + (n + j) * I + c, u);
+      if constexpr (KEEP) {
+        store8(gate + (n + j) * I + c, g);
+        store8(up + (n + j) * I + c, u);
+      }
       store8(h + (n + j) * I + c, hv);
     }
   }
@@ -435,15 +439,16 @@ bool lora_swiglu_supported(int64_t r, int64_t I, const void* gate, const void* u
 
 void lora_swiglu_forward(bf16* h, bf16* gate, bf16* up, const bf16* u_gate, const bf16* u_up,
                          const bf16* B_gate, const bf16* B_up, int64_t N, int64_t I, int64_t r,
-                         float scale, stream_t stream) {
+                         float scale, stream_t stream, bool keep_gate_up) {
   if (!lora_swiglu_supported(r, I, gate, up, h, u_gate, u_up))
     throw CudaError("lora_swiglu_forward: r = " + std::to_string(r) + ", I = " +
                     std::to_string(I) + " not supported (r <= 8, I % 8 == 0, 16-byte aligned)");
   if (N <= 0) return;
   const dim3 grid(static_cast<unsigned>((I / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kSwiRows));
-  swiglu_up_kernel<<<grid, kUpThreads, 0, stream>>>(
-      dev(h), dev(gate), dev(up), dev(u_gate), dev(u_up), dev(B_gate), dev(B_up), N, I,
-      static_cast<int>(r), scale, aligned16(B_gate) && aligned16(B_up));
+  auto kern = keep_gate_up ? swiglu_up_kernel<true> : swiglu_up_kernel<false>;
+  kern<<<grid, kUpThreads, 0, stream>>>(dev(h), dev(gate), dev(up), dev(u_gate), dev(u_up),
+                                        dev(B_gate), dev(B_up), N, I, static_cast<int>(r), scale,
+                                        aligned16(B_gate) && aligned16(B_up));
   FTUNE_CUDA_LAUNCH_CHECK();
 }
 

@@ -575,7 +575,8 @@ struct CudaTransformer::Impl {
   }
 
   // gate = gate(xn2), up = up(xn2), h = silu(gate) up. With LoRA on both (rank <= 8) their
-  // LoRA terms are added inside the SwiGLU pass (lora_swiglu_forward, same roundings).
+  // LoRA terms are added inside the SwiGLU pass (lora_swiglu_forward, same roundings); a
+  // checkpointed layer's first forward writes h alone (its backward recomputes gate, up).
   void mlp_gate_up(int l, const cm::LoraCtx& lc, cm::LayerActs& A, bool recompute) {
     const int64_t N = dims.N, I = c.intermediate_size;
     const cu::stream_t s = stream.get();
@@ -586,9 +587,10 @@ struct CudaTransformer::Impl {
       cm::linear_forward_base(op(l, Proj::gate, lc), lc, A.gate, A.xn2, A.u[gi], recompute);
       cm::linear_forward_base(op(l, Proj::up, lc), lc, A.up, A.xn2, A.u[ui], recompute);
       Scope ps(&prof, cm::Phase::lora_fwd, s);
+      const bool recomputed_later = checkpointing && !recompute && l != c.num_hidden_layers - 1;
       cu::lora_swiglu_forward(A.h, A.gate, A.up, A.u[gi], A.u[ui], lc.params + sg->b_offset,
                               lc.params + su->b_offset, N, I, lc.adapter->spec.rank,
-                              lc.adapter->spec.scale(), s);
+                              lc.adapter->spec.scale(), s, !recomputed_later);
       return;
     }
     lin_fwd(l, Proj::gate, lc, A.gate, A.xn2, recompute);
