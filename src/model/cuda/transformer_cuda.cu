@@ -59,7 +59,6 @@ uint64_t mix_seed(uint64_t a, uint64_t b) {
 // Logits of one head chunk stay under this many bytes (bf16, chunk x vocab).
 constexpr int64_t kLogitsBytes = int64_t(256) << 20;
 
-
 int select_device(int device) {
   if (device < 0 || device >= cu::cuda_device_count())
     throw std::invalid_argument("CudaTransformer: no CUDA device " + std::to_string(device));
