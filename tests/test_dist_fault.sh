@@ -32,8 +32,8 @@ pid_with_env() {
     tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -qx "$var=$val" && { echo "$p"; return; }
   done
 }
-wait_for_steps() {  # metrics file, count
-  for _ in $(seq 1 300); do
+wait_for_steps() {  # metrics file, count (up to 120 s: a loaded 2-core CI runs other tests beside)
+  for _ in $(seq 1 1200); do
     [ -f "$1" ] && [ "$(grep -c '"loss"' "$1")" -ge "$2" ] && return 0
     sleep 0.1
   done
