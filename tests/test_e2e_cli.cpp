@@ -97,6 +97,22 @@ TEST_CASE("resolved config is written and flags override the file") {
   CHECK(ss.str().find("lora_rank = 4") != std::string::npos);
 }
 
+TEST_CASE("selective_recompute: a CUDA option the CPU backend says it ignores") {
+  const std::string dir = ftune::test::scratch("e2e_selective");
+  const std::string model = tiny_model(dir + "/model");
+  write_file(dir + "/data/a.jsonl", "{\"input_ids\": [1, 5, 6, 7, 8]}\n{\"input_ids\": [1, 9, 10]}\n");
+  const std::string flags = common_flags(model, dir + "/data", dir + "/out") +
+                            " --device cpu --selective_recompute true";
+  const RunResult ok = run_ftune("train " + flags + " --gradient_checkpointing true");
+  REQUIRE_MESSAGE(ok.exit_code == 0, ok.output);
+  CHECK(ok.output.find("selective_recompute: no effect on the CPU backend") != std::string::npos);
+  // Without checkpointing there is nothing to select: refused, the key named.
+  const RunResult bad = run_ftune("train " + flags + " --overwrite_output_dir true");
+  CHECK(bad.exit_code != 0);
+  CHECK(bad.output.find("selective_recompute = true needs gradient_checkpointing = true") !=
+        std::string::npos);
+}
+
 TEST_CASE("bad inputs fail with a message naming the file, line or key") {
   const std::string dir = ftune::test::scratch("e2e_errors");
   const std::string model = tiny_model(dir + "/model");

@@ -572,6 +572,11 @@ TrainResult run_training(const TrainConfig& cfg, Communicator& comm) {
                               "weights are the trained parameters; offload_optimizer moves them)"
                             : "\n[ftune] offload_param: projection weights in pinned host "
                               "memory, copied to the GPU a layer ahead");
+    if (cfg.selective_recompute)
+      s << (run.on_cuda ? "\n[ftune] selective_recompute: each layer's residual after attention "
+                          "kept, the recompute skips the o projection"
+                        : "\n[ftune] selective_recompute: no effect on the CPU backend (its "
+                          "checkpointing recomputes whole layers)");
     if (cfg.zero_stage == 3) {
       s << "\n[ftune] zero_stage 3: each layer's " << (sharded_params ? "weights" : "frozen weights")
         << " sharded over " << world << (world == 1 ? " rank" : " ranks")
