@@ -156,3 +156,20 @@ TEST_CASE("cuda: sum_of_squares_blocks + sum_in_order = the host's sum_of_square
     CHECK(std::memcmp(&gpu, &host, sizeof(double)) == 0);
   }
 }
+
+// add_into over lengths past one grid's reach (4096 blocks x 256 threads = 1,048,576): a
+// ZeRO-3 layer block's gradient is tens of millions of values.
+TEST_CASE("cuda: add_into adds every element, also past the capped grid") {
+  REQUIRE_GPU();
+  std::mt19937 rng(31);
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1'048'577}, int64_t{5'000'011}}) {
+    CAPTURE(n);
+    const F x = rand_vec(rng, static_cast<size_t>(n), 1.f), y = rand_vec(rng, static_cast<size_t>(n), 1.f);
+    auto dX = cu::to_device(x), dY = cu::to_device(y);
+    cu::add_into(dY.as<float>(), dX.as<float>(), n, nullptr);
+    const F got = cu::to_host<float>(dY, static_cast<size_t>(n));
+    size_t wrong = 0;
+    for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != y[i] + x[i];
+    CHECK(wrong == 0);
+  }
+}

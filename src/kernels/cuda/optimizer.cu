@@ -79,9 +79,11 @@ __global__ void sum_of_squares_blocks_kernel(double* out, const float* __restric
   out[b] = ss;
 }
 
+// Grid-stride: grid_for caps the grid (4096 blocks), and a layer block is far longer.
 __global__ void add_into_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) y[i] += x[i];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] += x[i];
 }
 
 __global__ void scale_kernel(float* x, int64_t n, const float* scale) {
