@@ -115,7 +115,7 @@ int cmd_init_model(const std::vector<std::string>& args) {
   c.rope.type = rope_type;
   const ftune::DType st_dtype = dtype == "bfloat16" ? ftune::DType::BF16 : ftune::DType::F32;
   const auto layout = ftune::BaseWeights::layout(c);
-  const size_t params = layout.back().offset + layout.back().numel();
+  const size_t params = ftune::BaseWeights::layout_size(layout);
   if (weights == "on_load") {
     ftune::save_random_on_load_model(out, c, seed, std_dev);
     std::cout << "wrote " << out << " (" << params << " parameters, made on load)\n";

@@ -82,6 +82,18 @@ double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
 
 bool single_process() { return boot().size() == 1; }
 
+// Agreed skip (collective): every rank needs its own GPU and NCCL, else all ranks skip.
+bool every_rank_has_a_gpu(Communicator& comm) {
+  const int gpus = cuda::cuda_device_count();
+  const bool ok_here = gpus > 0 && nccl_available() && comm.world().local_size <= gpus;
+  for (const auto& s : comm.all_gather_strings(ok_here ? "1" : "0"))
+    if (s != "1") {
+      MESSAGE("skipped: needs NCCL and one GPU per rank");
+      return false;
+    }
+  return true;
+}
+
 }  // namespace
 
 TEST_CASE("GPU step runner matches the host runner, resumes exactly, reports memory") {
@@ -162,15 +174,7 @@ TEST_CASE("GPU step runner matches the host runner, resumes exactly, reports mem
 TEST_CASE("ZeRO 0/1/2/3 over NCCL on 2 GPUs give the one-rank run") {
   if (single_process()) return;
   Communicator& comm = boot();
-  // Agreed skip: every rank needs its own GPU and NCCL.
-  const int gpus = cuda::cuda_device_count();
-  const bool ok_here = gpus > 0 && nccl_available() && comm.world().local_size <= gpus;
-  const auto all = comm.all_gather_strings(ok_here ? "1" : "0");
-  for (const auto& s : all)
-    if (s != "1") {
-      MESSAGE("skipped: needs NCCL and one GPU per rank");
-      return;
-    }
+  if (!every_rank_has_a_gpu(comm)) return;
   // One rank with twice the accumulation computes the same steps (each rank runs it).
   TrainConfig one = qwen2_run("step_one");
   one.gradient_accumulation_steps *= 2;
@@ -205,14 +209,7 @@ TEST_CASE("ZeRO 0/1/2/3 over NCCL on 2 GPUs give the one-rank run") {
 TEST_CASE("ZeRO-3 full fine-tuning over NCCL on 2 GPUs gives ZeRO-2's run") {
   if (single_process()) return;
   Communicator& comm = boot();
-  const int gpus = cuda::cuda_device_count();
-  const bool ok_here = gpus > 0 && nccl_available() && comm.world().local_size <= gpus;
-  const auto all = comm.all_gather_strings(ok_here ? "1" : "0");
-  for (const auto& s : all)
-    if (s != "1") {
-      MESSAGE("skipped: needs NCCL and one GPU per rank");
-      return;
-    }
+  if (!every_rank_has_a_gpu(comm)) return;
   auto full_ft = [](TrainConfig c) {
     c.use_peft = false;
     c.init_adapter.clear();

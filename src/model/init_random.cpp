@@ -24,7 +24,7 @@ Role role_of(const std::string& name) {
 // The layout of w, checked against its storage: init must never write past it.
 std::vector<BaseWeights::Entry> checked_layout(const BaseWeights& w) {
   std::vector<BaseWeights::Entry> entries = BaseWeights::layout(w.cfg);
-  if (w.storage.size() != entries.back().offset + entries.back().numel())
+  if (w.storage.size() != BaseWeights::layout_size(entries))
     throw std::runtime_error("init_random_weights: weights are not allocated for their config");
   return entries;
 }

@@ -11,7 +11,7 @@ namespace ftune {
 WeightSource::WeightSource(const ModelConfig& c) : cfg_(c), entries_(BaseWeights::layout(c)) {}
 
 size_t WeightSource::total_numel() const {
-  return entries_.back().offset + entries_.back().numel();
+  return BaseWeights::layout_size(entries_);
 }
 
 BaseWeights materialize(const WeightSource& src) {

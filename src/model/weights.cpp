@@ -84,17 +84,17 @@ std::vector<BaseWeights::Entry> BaseWeights::layout(const ModelConfig& c) {
 std::vector<BaseWeights::Entry> BaseWeights::allocate(const ModelConfig& c) {
   std::vector<Entry> entries = layout(c);
   cfg = c;
-  storage.assign(entries.back().offset + entries.back().numel(), 0.0f);
+  storage.assign(layout_size(entries), 0.0f);
   point_views(entries);
   return entries;
 }
 
 BaseWeights BaseWeights::adopt(const ModelConfig& c, std::vector<float>&& values) {
   const std::vector<Entry> entries = layout(c);
-  if (values.size() != entries.back().offset + entries.back().numel())
+  if (values.size() != layout_size(entries))
     throw std::logic_error("BaseWeights::adopt: " + std::to_string(values.size()) +
                            " values for a model of " +
-                           std::to_string(entries.back().offset + entries.back().numel()));
+                           std::to_string(layout_size(entries)));
   BaseWeights w;
   w.cfg = c;
   w.storage = std::move(values);

@@ -11,7 +11,7 @@ Zero3TrainedWeights::Zero3TrainedWeights(const ModelConfig& c, int rank, int siz
                                          Zero3Collectives coll, std::span<const float> params)
     : cfg_(c), layout_(zero3_layer_layout(c)), rank_(rank), size_(size), coll_(std::move(coll)) {
   const std::vector<BaseWeights::Entry> entries = BaseWeights::layout(c);
-  n_ = entries.back().offset + entries.back().numel();
+  n_ = BaseWeights::layout_size(entries);
   if (params.size() != n_)
     throw std::logic_error("Zero3TrainedWeights: " + std::to_string(params.size()) +
                            " parameters for a model of " + std::to_string(n_));

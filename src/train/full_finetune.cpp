@@ -38,7 +38,7 @@ LoraAdapter full_model_as_adapter(BaseWeights&& w) {
 
 std::vector<uint8_t> full_finetune_decay_mask(const ModelConfig& c) {
   const std::vector<BaseWeights::Entry> entries = BaseWeights::layout(c);
-  std::vector<uint8_t> mask(entries.back().offset + entries.back().numel(), 1);
+  std::vector<uint8_t> mask(BaseWeights::layout_size(entries), 1);
   for (const BaseWeights::Entry& e : entries) {
     // HF's forbidden name patterns: "bias", "layernorm", "rmsnorm", "norm", "_norm".
     const bool exempt = e.name.find("bias") != std::string::npos ||
@@ -88,7 +88,7 @@ void save_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& 
 
 void load_full_model(const std::string& dir, const ModelConfig& c, LoraAdapter& params) {
   const std::vector<BaseWeights::Entry> entries = BaseWeights::layout(c);
-  const size_t n = entries.back().offset + entries.back().numel();
+  const size_t n = BaseWeights::layout_size(entries);
   std::vector<float>().swap(params.params);
   BaseWeights saved = load_base_weights(dir, c);
   if (saved.storage.size() != n)

@@ -58,6 +58,10 @@ struct BaseWeights {
   // The entries allocate(c) returns, in the same order, without allocating anything: for
   // code that walks the tensors of a model too large to hold (init-model writes 8B models).
   static std::vector<Entry> layout(const ModelConfig& c);
+  // Values a layout spans (the flat vector's length): its last entry's end.
+  static size_t layout_size(const std::vector<Entry>& entries) {
+    return entries.empty() ? 0 : entries.back().offset + entries.back().numel();
+  }
   // Lays out `storage` for cfg and points every view into it (values zeroed).
   // Returns the HF tensor names with their offsets/sizes, for loaders and writers.
   std::vector<Entry> allocate(const ModelConfig& c);

@@ -182,7 +182,7 @@ struct CudaTransformer::Impl {
       }
     }
     if (lm_head_off == none) lm_head_off = embed_off;  // tied: one tensor, one gradient
-    n_params = entries.back().offset + entries.back().numel();
+    n_params = BaseWeights::layout_size(entries);
     // The layers lie back to back between the embedding table and the tail (the layout
     // model/zero3_weights.hpp checks), each a span of the same size.
     layer0 = tail_begin = n_params;
