@@ -31,8 +31,8 @@ bool lora_fused_supported(int64_t r, int64_t in, const void* x, const void* A);
 void lora_down_forward(bf16* u, const bf16* x, const bf16* A, int64_t N, int64_t in, int64_t r,
                        double p, uint64_t seed, stream_t stream);
 
-// Floats of workspace lora_down_backward needs for these sizes.
-int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r);
+// Floats of workspace lora_down_backward needs for these sizes (count: a group's members).
+int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r, int count = 1);
 // dA [r, in] fp32 (+=, scaled by alpha); du [N, r]; x [N, in].
 void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int64_t in,
                         int64_t r, double p, uint64_t seed, float alpha, float* workspace,
@@ -41,6 +41,27 @@ void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int
 // dx [N, in] (+=); du [N, r]; A [r, in].
 void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_t in, int64_t r,
                       double p, uint64_t seed, stream_t stream);
+
+// Projections that read the same input (q/k/v of one normed x, gate/up of another): the
+// three products above for up to kLoraGroupMax of them in one pass over x (or over dx)
+// instead of one pass each. Member i has its own A[i] [r, in], dropout seed[i] and [N, r]
+// operand (u[i] / du[i]), and gets what one call per member gives: u and dA the same bits;
+// dx the members' terms summed in fp32 and rounded once (one call per member rounds after
+// each). Each member must pass lora_fused_supported.
+constexpr int kLoraGroupMax = 3;
+struct LoraGroup {
+  int count = 0;
+  const bf16* A[kLoraGroupMax] = {};  // lora_down_backward_group does not read A
+  uint64_t seed[kLoraGroupMax] = {};
+};
+void lora_down_forward_group(const LoraGroup& g, bf16* const* u, const bf16* x, int64_t N,
+                             int64_t in, int64_t r, double p, stream_t stream);
+// workspace: lora_down_backward_workspace(N, in, r, g.count) floats.
+void lora_down_backward_group(const LoraGroup& g, float* const* dA, const bf16* const* du,
+                              const bf16* x, int64_t N, int64_t in, int64_t r, double p,
+                              float alpha, float* workspace, stream_t stream);
+void lora_dx_backward_group(const LoraGroup& g, bf16* dx, const bf16* const* du, int64_t N,
+                            int64_t in, int64_t r, double p, stream_t stream);
 
 // y [N, out] (+=); u [N, r]; B [out, r] (PEFT's lora_B layout, any alignment). Supported
 // when lora_fused_supported(r, out, y, u).

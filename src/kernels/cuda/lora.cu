@@ -34,9 +34,9 @@ __device__ __forceinline__ void keep_scales(float (&k)[W], const Mask& m, uint64
   }
 }
 
-// W consecutive bf16 (W = 4 or 8: one 8- or 16-byte access) as raw bits, and to floats.
+// W consecutive bf16 (W = 2, 4 or 8: one 4-, 8- or 16-byte access) as raw bits, and to floats.
 template <int W>
-using Raw = std::conditional_t<W == 8, uint4, uint2>;
+using Raw = std::conditional_t<W == 8, uint4, std::conditional_t<W == 4, uint2, uint32_t>>;
 template <int W>
 __device__ __forceinline__ Raw<W> load_raw(const __nv_bfloat16* p) {
   return *reinterpret_cast<const Raw<W>*>(p);
@@ -51,6 +51,34 @@ __device__ __forceinline__ void to_floats(const Raw<W>& raw, float (&v)[W]) {
     v[2 * j + 1] = f.y;
   }
 }
+
+template <int W>
+__device__ __forceinline__ void load_floats(const __nv_bfloat16* p, float (&v)[W]) {
+  to_floats<W>(load_raw<W>(p), v);
+}
+template <int W>
+__device__ __forceinline__ void store_floats(__nv_bfloat16* p, const float (&v)[W]) {
+  Raw<W> raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int j = 0; j < W / 2; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+  *reinterpret_cast<Raw<W>*>(p) = raw;
+}
+
+// The projections of one launch: P of them (q/k/v or gate/up: P <= 3) read the same x [N,
+// in] (or update the same dx), each with its own A [r, in], mask, [N, r] operand and output.
+// One pass over x serves them all; P = 1 is the single-projection launch. Unused fields
+// stay null.
+template <int P>
+struct Group {
+  static constexpr int kP = P;
+  const __nv_bfloat16* A[P];  // [r, in]
+  const __nv_bfloat16* v[P];  // du [N, r] (backward)
+  __nv_bfloat16* u[P];        // [N, r] (forward output)
+  float* part[P];             // dA partial sums [chunks, r, in]
+  float* dA[P];               // [r, in] fp32
+  Mask m[P];
+};
 
 // d[k] = v[n, k] for k < r, zeros for the padding ranks (one 16-byte load per 8 when r == R).
 template <int R>
@@ -71,53 +99,66 @@ __device__ __forceinline__ void load_rank_row(float (&d)[R], const __nv_bfloat16
 }
 
 // ---------------------------------------------------------------- u = (keep x) A^T
-// A block of 8 warps owns 8 * ROWS rows; A is staged in shared memory kFwdCols columns at a
-// time and shared by the block; lanes stride over 8-column groups with ROWS 16-byte loads of
-// x in flight; one warp reduction per output at the end.
+// A block of 8 warps owns 8 * ROWS rows; each projection's A is staged in shared memory COLS
+// columns at a time and shared by the block; lanes stride over 8-column groups with ROWS
+// 16-byte loads of x in flight, and every x value feeds all P projections (each its own
+// mask); one warp reduction per output at the end. A lane sums its columns in increasing
+// order whatever COLS is, so u has the same bits for P = 1 and for any group.
 constexpr int kFwdWarps = 8;
-constexpr int kFwdCols = 1024;
-template <int R, int ROWS, bool DROP>
+template <int R, int P>
+__host__ __device__ constexpr int fwd_rows() { return 32 / (R * P) > 0 ? 32 / (R * P) : 1; }  // 32 accumulators per lane
+template <int R, int P>
+__host__ __device__ constexpr int fwd_cols() { return R * P <= 16 ? 1024 : R * P <= 32 ? 512 : 256; }  // <= 32 KiB of A
+template <int R, int P, bool DROP>
 __global__ void __launch_bounds__(kFwdWarps * 32, 2)
-    down_forward_kernel(__nv_bfloat16* u, const __nv_bfloat16* x, const __nv_bfloat16* A,
-                        int64_t N, int64_t in, int r, Mask m) {
-  __shared__ __align__(16) __nv_bfloat16 a_s[R][kFwdCols];
+    down_forward_kernel(Group<P> g, const __nv_bfloat16* x, int64_t N, int64_t in, int r) {
+  constexpr int ROWS = fwd_rows<R, P>(), COLS = fwd_cols<R, P>();
+  __shared__ __align__(16) __nv_bfloat16 a_s[P][R][COLS];
   const int lane = threadIdx.x & 31;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / 32) * ROWS;
-  float acc[ROWS][R];
+  float acc[ROWS][P][R];
 #pragma unroll
   for (int j = 0; j < ROWS; ++j)
 #pragma unroll
-    for (int k = 0; k < R; ++k) acc[j][k] = 0.f;
-  for (int64_t c0 = 0; c0 < in; c0 += kFwdCols) {
-    const int width = static_cast<int>(in - c0 < kFwdCols ? in - c0 : kFwdCols);  // % 8 == 0
+    for (int q = 0; q < P; ++q)
+#pragma unroll
+      for (int k = 0; k < R; ++k) acc[j][q][k] = 0.f;
+  for (int64_t c0 = 0; c0 < in; c0 += COLS) {
+    const int width = static_cast<int>(in - c0 < COLS ? in - c0 : COLS);  // % 8 == 0
     __syncthreads();  // the previous chunk's readers are done
-    for (int t = threadIdx.x; t < R * (kFwdCols / 8); t += blockDim.x) {
-      const int k = t / (kFwdCols / 8), g = (t % (kFwdCols / 8)) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (k < r && g < width) v = *reinterpret_cast<const uint4*>(A + k * in + c0 + g);
-      *reinterpret_cast<uint4*>(&a_s[k][g]) = v;
-    }
+#pragma unroll
+    for (int q = 0; q < P; ++q)  // q unrolled: g stays in registers (no local copy)
+      for (int t = threadIdx.x; t < R * (COLS / 8); t += blockDim.x) {
+        const int k = t / (COLS / 8), gc = (t % (COLS / 8)) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (k < r && gc < width) v = *reinterpret_cast<const uint4*>(g.A[q] + k * in + c0 + gc);
+        *reinterpret_cast<uint4*>(&a_s[q][k][gc]) = v;
+      }
     __syncthreads();
     if (row0 >= N) continue;  // no early return: the block's barriers need every thread
     for (int cc = lane * 8; cc < width; cc += 32 * 8) {
       const int64_t c = c0 + cc;
-      uint4 xr[ROWS];
-#pragma unroll
-      for (int j = 0; j < ROWS; ++j)
-        xr[j] = row0 + j < N ? load_raw<8>(x + (row0 + j) * in + c) : make_uint4(0, 0, 0, 0);
-      float a[R][8];
-#pragma unroll
-      for (int k = 0; k < R; ++k) load8(&a_s[k][cc], a[k]);
+      float xv[ROWS][8];
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) {
-        float xv[8], kv[8];
-        to_floats<8>(xr[j], xv);
-        keep_scales<8, DROP>(kv, m, static_cast<uint64_t>((row0 + j) * in + c));
+        const uint4 raw = row0 + j < N ? load_raw<8>(x + (row0 + j) * in + c) : make_uint4(0, 0, 0, 0);
+        to_floats<8>(raw, xv[j]);
+      }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float xm = xv[e] * kv[e];
+      for (int q = 0; q < P; ++q) {
+        float a[R][8];
 #pragma unroll
-          for (int k = 0; k < R; ++k) acc[j][k] = fmaf(xm, a[k][e], acc[j][k]);
+        for (int k = 0; k < R; ++k) load8(&a_s[q][k][cc], a[k]);
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+          float kv[8];
+          keep_scales<8, DROP>(kv, g.m[q], static_cast<uint64_t>((row0 + j) * in + c));
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float xm = xv[j][e] * kv[e];
+#pragma unroll
+            for (int k = 0; k < R; ++k) acc[j][q][k] = fmaf(xm, a[k][e], acc[j][q][k]);
+          }
         }
       }
     }
@@ -126,43 +167,49 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 2)
   for (int j = 0; j < ROWS; ++j) {
     const int64_t n = row0 + j;
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const float v = warp_sum(acc[j][k]);
-      if (lane == 0 && n < N && k < r) st(u + n * r + k, v);
-    }
+    for (int q = 0; q < P; ++q)
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        const float v = warp_sum(acc[j][q][k]);
+        if (lane == 0 && n < N && k < r) st(g.u[q] + n * r + k, v);
+      }
   }
 }
 
 // ---------------------------------------------------------------- dA += du^T (keep x)
-// Pass 1: block (column tile of kBwdThreads * W columns, chunk of kBwdRows rows) writes
-// partial[chunk, k, c] = sum over its rows of du[n, k] * keep * x[n, c]; a thread owns W
-// columns and keeps kBwdUnroll rows of x in flight. Pass 2 adds the chunks in order, so the
-// sum never depends on scheduling.
+// Pass 1: block (column tile of kBwdThreads * W columns, chunk of kBwdRows rows) writes, per
+// projection q, part_q[chunk, k, c] = sum over its rows of du_q[n, k] * keep_q * x[n, c]; a
+// thread owns W columns and keeps kBwdUnroll rows of x in flight. Pass 2 adds the chunks in
+// order, so the sum never depends on scheduling, nor on W or the group (same bits for P = 1).
 constexpr int kBwdRows = 128;
 constexpr int kBwdThreads = 64;
 constexpr int kBwdUnroll = 8;
-template <int R>
-__host__ __device__ constexpr int bwd_cols() { return R <= 8 ? 8 : 4; }  // 64 accumulators per thread
-template <int R, bool DROP>
+// Columns per thread: at most 64-96 accumulators (P * R * W).
+template <int R, int P>
+__host__ __device__ constexpr int bwd_cols() { return R * P <= 8 ? 8 : R * P <= 24 ? 4 : 2; }
+template <int R, int P, bool DROP>
 __global__ void __launch_bounds__(kBwdThreads)
-    down_backward_partial(float* partial, const __nv_bfloat16* du, const __nv_bfloat16* x,
-                          int64_t N, int64_t in, int r, Mask m) {
-  constexpr int W = bwd_cols<R>();
-  __shared__ float du_s[kBwdRows][R];
+    down_backward_partial(Group<P> g, const __nv_bfloat16* x, int64_t N, int64_t in, int r) {
+  constexpr int W = bwd_cols<R, P>();
+  __shared__ float du_s[kBwdRows][P][R];
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBwdRows;
   const int rows = static_cast<int>(N - n0 < kBwdRows ? N - n0 : kBwdRows);
-  for (int t = threadIdx.x; t < rows * R; t += blockDim.x) {
-    const int n = t / R, k = t % R;
-    du_s[n][k] = k < r ? ld(du + (n0 + n) * r + k) : 0.f;
-  }
+#pragma unroll
+  for (int q = 0; q < P; ++q)
+    for (int t = threadIdx.x; t < rows * R; t += blockDim.x) {
+      const int n = t / R, k = t % R;
+      du_s[n][q][k] = k < r ? ld(g.v[q] + (n0 + n) * r + k) : 0.f;
+    }
   __syncthreads();
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x) * W;
   if (c >= in) return;
-  float acc[R][W];
+  float acc[P][R][W];
 #pragma unroll
-  for (int k = 0; k < R; ++k)
+  for (int q = 0; q < P; ++q)
 #pragma unroll
-    for (int e = 0; e < W; ++e) acc[k][e] = 0.f;
+    for (int k = 0; k < R; ++k)
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[q][k][e] = 0.f;
   for (int n = 0; n < rows; n += kBwdUnroll) {
     Raw<W> xr[kBwdUnroll];
 #pragma unroll
@@ -171,33 +218,44 @@ __global__ void __launch_bounds__(kBwdThreads)
 #pragma unroll
     for (int j = 0; j < kBwdUnroll; ++j) {
       if (n + j >= rows) break;
-      float xv[W], kv[W];
+      float xv[W];
       to_floats<W>(xr[j], xv);
-      keep_scales<W, DROP>(kv, m, static_cast<uint64_t>((n0 + n + j) * in + c));
 #pragma unroll
-      for (int e = 0; e < W; ++e) xv[e] *= kv[e];
+      for (int q = 0; q < P; ++q) {
+        float kv[W], xm[W];
+        keep_scales<W, DROP>(kv, g.m[q], static_cast<uint64_t>((n0 + n + j) * in + c));
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        const float d = du_s[n + j][k];
+        for (int e = 0; e < W; ++e) xm[e] = xv[e] * kv[e];
 #pragma unroll
-        for (int e = 0; e < W; ++e) acc[k][e] = fmaf(d, xv[e], acc[k][e]);
+        for (int k = 0; k < R; ++k) {
+          const float d = du_s[n + j][q][k];
+#pragma unroll
+          for (int e = 0; e < W; ++e) acc[q][k][e] = fmaf(d, xm[e], acc[q][k][e]);
+        }
       }
     }
   }
-  float* out = partial + static_cast<int64_t>(blockIdx.y) * r * in;
 #pragma unroll
-  for (int k = 0; k < R; ++k) {
-    if (k >= r) break;
+  for (int q = 0; q < P; ++q) {
+    float* out = g.part[q] + static_cast<int64_t>(blockIdx.y) * r * in;
 #pragma unroll
-    for (int e = 0; e < W; e += 4)
-      *reinterpret_cast<float4*>(out + k * in + c + e) =
-          make_float4(acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
+    for (int k = 0; k < R; ++k) {
+      if (k >= r) break;
+#pragma unroll
+      for (int e = 0; e < W; e += 2)
+        *reinterpret_cast<float2*>(out + k * in + c + e) = make_float2(acc[q][k][e], acc[q][k][e + 1]);
+    }
   }
 }
 
-// Pass 2: dA[k, c] += alpha * sum over chunks (in chunk order) of partial.
-__global__ void down_backward_reduce(float* dA, const float* partial, int chunks, int64_t m,
-                                     float alpha) {
+// Pass 2: dA_q[k, c] += alpha * sum over chunks (in chunk order) of part_q (q = blockIdx.y).
+template <int P>
+__global__ void down_backward_reduce(Group<P> g, int chunks, int64_t m, float alpha) {
+  const float* partial = g.part[0];
+  float* dA = g.dA[0];
+#pragma unroll
+  for (int q = 1; q < P; ++q)
+    if (blockIdx.y == q) partial = g.part[q], dA = g.dA[q];
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < m;
        i += int64_t(gridDim.x) * blockDim.x) {
     float s = 0.f;
@@ -206,52 +264,104 @@ __global__ void down_backward_reduce(float* dA, const float* partial, int chunks
   }
 }
 
-// ---------------------------------------------------------------- y += alpha keep (v M)
-// The rank-r up product, shared by the input gradient (dx += keep (du A), M = A [r, cols])
-// and the forward's LoRA term (y += scale u B^T, M = B^T: B is [cols, r], B_LAYOUT). A thread
-// owns one 8-column group (its slice of M in registers; m_vec: B's rows may be read in
-// 16-byte loads) for kUpRows rows, kUpUnroll rows of y
-// in flight; a warp covers 256 adjacent columns of one row, so y moves in 512-byte runs and
-// v[n, :] is a broadcast. y is read in bf16, the sum added in fp32, rounded once.
-// a[k][e] = M[k, c + e] for k < r, zeros for the padding ranks: M is A [r, cols], or B^T
-// with B [cols, r] row-major (B_LAYOUT; vec: B's rows may be read in 16-byte loads).
-template <int R, bool B_LAYOUT>
-__device__ __forceinline__ void load_slice(float (&a)[R][8], const __nv_bfloat16* M, int64_t c,
-                                           int64_t cols, int r, bool vec) {
-  if (B_LAYOUT && r == R && vec) {
+// ---------------------------------------------------------------- dx += sum_q keep_q (du_q A_q)
+// The input gradient of the P projections in one read-modify-write of dx, the LoRA terms
+// summed in fp32 and rounded once. A thread owns one CW-column group (its slices of every
+// A_q in registers: CW = 8 for one projection, 4 for a group) for kUpRows rows, U rows of dx
+// in flight; a warp covers 32 * CW adjacent columns of one row, so dx moves in 256-512-byte
+// runs and du_q[n, :] is a broadcast.
+constexpr int kUpRows = 32;
+constexpr int kUpThreads = 128;
+template <int R, int P, bool DROP>
+__global__ void __launch_bounds__(kUpThreads)
+    dx_kernel(__nv_bfloat16* dx, Group<P> g, int64_t N, int64_t cols, int r) {
+  constexpr int CW = P == 1 ? 8 : 4, U = P == 1 ? 4 : 8;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * CW;
+  if (c >= cols) return;
+  float a[P][R][CW];
+#pragma unroll
+  for (int q = 0; q < P; ++q)
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k < r) {
+        load_floats<CW>(g.A[q] + k * cols + c, a[q][k]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < CW; ++e) a[q][k][e] = 0.f;
+      }
+    }
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kUpRows;
+  const int64_t n1 = N < n0 + kUpRows ? N : n0 + kUpRows;
+  for (int64_t n = n0; n < n1; n += U) {
+    Raw<CW> yr[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j)
+      if (n + j < n1) yr[j] = load_raw<CW>(dx + (n + j) * cols + c);
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      if (n + j >= n1) break;
+      float out[CW], lora[CW];
+#pragma unroll
+      for (int e = 0; e < CW; ++e) lora[e] = 0.f;
+#pragma unroll
+      for (int q = 0; q < P; ++q) {
+        float d[R], acc[CW], kv[CW];
+        load_rank_row<R>(d, g.v[q], n + j, r);
+#pragma unroll
+        for (int e = 0; e < CW; ++e) acc[e] = 0.f;
+#pragma unroll
+        for (int k = 0; k < R; ++k)
+#pragma unroll
+          for (int e = 0; e < CW; ++e) acc[e] = fmaf(d[k], a[q][k][e], acc[e]);
+        keep_scales<CW, DROP>(kv, g.m[q], static_cast<uint64_t>((n + j) * cols + c));
+#pragma unroll
+        for (int e = 0; e < CW; ++e) lora[e] += kv[e] * acc[e];
+      }
+      to_floats<CW>(yr[j], out);
+#pragma unroll
+      for (int e = 0; e < CW; ++e) out[e] += lora[e];
+      store_floats<CW>(dx + (n + j) * cols + c, out);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- y += scale u B^T
+// The forward's LoRA term. A thread owns one 8-column group (its slice of B^T in registers)
+// for kUpRows rows, kUpUnroll rows of y in flight; a warp covers 256 adjacent columns of one
+// row, so y moves in 512-byte runs and u[n, :] is a broadcast. y is read in bf16, the sum
+// added in fp32, rounded once.
+// a[k][e] = B[c + e, k] for k < r, zeros for the padding ranks (B [cols, r] row-major; vec:
+// B's rows may be read in 16-byte loads).
+template <int R>
+__device__ __forceinline__ void load_slice(float (&a)[R][8], const __nv_bfloat16* B, int64_t c,
+                                           int r, bool vec) {
+  if (r == R && vec) {
 #pragma unroll
     for (int e = 0; e < 8; ++e)
 #pragma unroll
       for (int k = 0; k < R; k += 8) {
         float t[8];
-        load8(M + (c + e) * R + k, t);
+        load8(B + (c + e) * R + k, t);
 #pragma unroll
         for (int q = 0; q < 8; ++q) a[k + q][e] = t[q];
       }
     return;
   }
 #pragma unroll
-  for (int k = 0; k < R; ++k) {
-    if (k < r && !B_LAYOUT) {
-      load8(M + k * cols + c, a[k]);
-    } else {
+  for (int k = 0; k < R; ++k)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) a[k][e] = k < r ? ld(M + (c + e) * r + k) : 0.f;
-    }
-  }
+    for (int e = 0; e < 8; ++e) a[k][e] = k < r ? ld(B + (c + e) * r + k) : 0.f;
 }
 
-constexpr int kUpRows = 32;
-constexpr int kUpThreads = 128;
 constexpr int kUpUnroll = 4;
-template <int R, bool DROP, bool B_LAYOUT>
+template <int R>
 __global__ void __launch_bounds__(kUpThreads)
-    rank_up_kernel(__nv_bfloat16* y, const __nv_bfloat16* v, const __nv_bfloat16* M,
-                   int64_t N, int64_t cols, int r, float alpha, Mask m, bool m_vec) {
+    up_forward_kernel(__nv_bfloat16* y, const __nv_bfloat16* u, const __nv_bfloat16* B,
+                      int64_t N, int64_t cols, int r, float alpha, bool b_vec) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * 8;
   if (c >= cols) return;
   float a[R][8];
-  load_slice<R, B_LAYOUT>(a, M, c, cols, r, m_vec);
+  load_slice<R>(a, B, c, r, b_vec);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kUpRows;
   const int64_t n1 = N < n0 + kUpRows ? N : n0 + kUpRows;
   for (int64_t n = n0; n < n1; n += kUpUnroll) {
@@ -263,16 +373,15 @@ __global__ void __launch_bounds__(kUpThreads)
     for (int j = 0; j < kUpUnroll; ++j) {
       if (n + j >= n1) break;
       float d[R], acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      load_rank_row<R>(d, v, n + j, r);
+      load_rank_row<R>(d, u, n + j, r);
 #pragma unroll
       for (int k = 0; k < R; ++k)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = fmaf(d[k], a[k][e], acc[e]);
-      float kv[8], out[8];
-      keep_scales<8, DROP>(kv, m, static_cast<uint64_t>((n + j) * cols + c));
+      float out[8];
       to_floats<8>(yr[j], out);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] += kv[e] * (alpha * acc[e]);
+      for (int e = 0; e < 8; ++e) out[e] += alpha * acc[e];
       store8(y + (n + j) * cols + c, out);
     }
   }
@@ -281,7 +390,7 @@ __global__ void __launch_bounds__(kUpThreads)
 // ---------------------------------------------------------------- gate/up LoRA + SwiGLU
 // gate += scale u_g B_g^T and up += scale u_u B_u^T (each rounded to bf16 once and written
 // back: the backward reads them), then h = silu(gate) up from the rounded values, exactly as
-// rank_up_kernel twice followed by swiglu_forward, in one pass over gate and up instead of
+// up_forward_kernel twice followed by swiglu_forward, in one pass over gate and up instead of
 // three. Rank tile 8 only (two B slices live in registers). KEEP = false skips writing gate
 // and up back (a checkpointed forward whose backward recomputes them needs h alone).
 constexpr int kSwiRows = 32;
@@ -294,8 +403,8 @@ __global__ void __launch_bounds__(kUpThreads)
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * 8;
   if (c >= I) return;
   float ag[R][8], au[R][8];
-  load_slice<R, true>(ag, Bg, c, I, r, vec);
-  load_slice<R, true>(au, Bu, c, I, r, vec);
+  load_slice<R>(ag, Bg, c, r, vec);
+  load_slice<R>(au, Bu, c, r, vec);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSwiRows;
   const int64_t n1 = N < n0 + kSwiRows ? N : n0 + kSwiRows;
   for (int64_t n = n0; n < n1; n += 2) {
@@ -370,63 +479,126 @@ bool lora_fused_supported(int64_t r, int64_t in, const void* x, const void* A) {
   return r >= 1 && r <= 16 && in > 0 && in % 8 == 0 && aligned16(x) && aligned16(A);
 }
 
-void lora_down_forward(bf16* u, const bf16* x, const bf16* A, int64_t N, int64_t in, int64_t r,
-                       double p, uint64_t seed, stream_t stream) {
-  const Mask m = checked_mask(r, in, p, seed, x, A, u);
-  if (N <= 0) return;
-  dispatch(r, p, [&](auto tile, auto drop) {
-    constexpr int R = decltype(tile)::value, ROWS = 32 / R;  // 32 accumulators per lane
-    down_forward_kernel<R, ROWS, decltype(drop)::value>
-        <<<rows_grid(N, kFwdWarps * ROWS), kFwdWarps * 32, 0, stream>>>(
-            dev(u), dev(x), dev(A), N, in, static_cast<int>(r), m);
+namespace {
+// f(Group<P>&) with the group's members filled in (A and masks; the caller adds the rest),
+// after checking every member's operands: x (or dx) [N, in], A_i, and the [N, r] operand v_i.
+template <class F>
+void with_group(const LoraGroup& lg, const bf16* const* v, int64_t r, int64_t in, double p,
+                const void* x, F&& f) {
+  if (lg.count < 1 || lg.count > kLoraGroupMax)
+    throw CudaError("fused LoRA kernels: a group has 1.." + std::to_string(kLoraGroupMax) +
+                    " members, not " + std::to_string(lg.count));
+  auto fill = [&](auto& g) {
+    for (int i = 0; i < lg.count; ++i) {
+      g.m[i] = checked_mask(r, in, p, lg.seed[i], x, lg.A[i] ? lg.A[i] : x, v[i]);
+      g.A[i] = dev(lg.A[i]);
+      g.v[i] = nullptr;
+      g.u[i] = nullptr;
+      g.part[i] = g.dA[i] = nullptr;
+    }
+    f(g);
+  };
+  if (lg.count == 1) {
+    Group<1> g;
+    fill(g);
+  } else if (lg.count == 2) {
+    Group<2> g;
+    fill(g);
+  } else {
+    Group<3> g;
+    fill(g);
+  }
+}
+}  // namespace
+
+void lora_down_forward_group(const LoraGroup& lg, bf16* const* u, const bf16* x, int64_t N,
+                             int64_t in, int64_t r, double p, stream_t stream) {
+  with_group(lg, u, r, in, p, x, [&](auto& g) {
+    constexpr int P = std::decay_t<decltype(g)>::kP;
+    for (int i = 0; i < P; ++i) g.u[i] = dev(u[i]);
+    if (N <= 0) return;
+    dispatch(r, p, [&](auto tile, auto drop) {
+      constexpr int R = decltype(tile)::value;
+      down_forward_kernel<R, P, decltype(drop)::value>
+          <<<rows_grid(N, kFwdWarps * fwd_rows<R, P>()), kFwdWarps * 32, 0, stream>>>(
+              g, dev(x), N, in, static_cast<int>(r));
+    });
+    FTUNE_CUDA_LAUNCH_CHECK();
   });
-  FTUNE_CUDA_LAUNCH_CHECK();
 }
 
-int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r) {
-  return (N + kBwdRows - 1) / kBwdRows * r * in;
+int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r, int count) {
+  return count * ((N + kBwdRows - 1) / kBwdRows) * r * in;
+}
+
+void lora_down_backward_group(const LoraGroup& lg, float* const* dA, const bf16* const* du,
+                              const bf16* x, int64_t N, int64_t in, int64_t r, double p,
+                              float alpha, float* workspace, stream_t stream) {
+  with_group(lg, du, r, in, p, x, [&](auto& g) {
+    constexpr int P = std::decay_t<decltype(g)>::kP;
+    const int chunks = static_cast<int>((N + kBwdRows - 1) / kBwdRows);
+    for (int i = 0; i < P; ++i) {
+      g.v[i] = dev(du[i]);
+      g.part[i] = workspace + i * (chunks * r * in);
+      g.dA[i] = dA[i];
+    }
+    if (N <= 0) return;
+    dispatch(r, p, [&](auto tile, auto drop) {
+      constexpr int R = decltype(tile)::value, W = bwd_cols<R, P>();
+      const dim3 grid(static_cast<unsigned>((in / W + kBwdThreads - 1) / kBwdThreads),
+                      static_cast<unsigned>(chunks));
+      down_backward_partial<R, P, decltype(drop)::value><<<grid, kBwdThreads, 0, stream>>>(
+          g, dev(x), N, in, static_cast<int>(r));
+    });
+    FTUNE_CUDA_LAUNCH_CHECK();
+    const int64_t n = r * in;
+    down_backward_reduce<P><<<dim3(grid_for(n, 256), P), 256, 0, stream>>>(g, chunks, n, alpha);
+    FTUNE_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void lora_dx_backward_group(const LoraGroup& lg, bf16* dx, const bf16* const* du, int64_t N,
+                            int64_t in, int64_t r, double p, stream_t stream) {
+  with_group(lg, du, r, in, p, dx, [&](auto& g) {
+    constexpr int P = std::decay_t<decltype(g)>::kP;
+    for (int i = 0; i < P; ++i) g.v[i] = dev(du[i]);
+    if (N <= 0) return;
+    constexpr int CW = P == 1 ? 8 : 4;
+    const dim3 grid(static_cast<unsigned>((in / CW + kUpThreads - 1) / kUpThreads),
+                    rows_grid(N, kUpRows));
+    dispatch(r, p, [&](auto tile, auto drop) {
+      dx_kernel<decltype(tile)::value, P, decltype(drop)::value>
+          <<<grid, kUpThreads, 0, stream>>>(dev(dx), g, N, in, static_cast<int>(r));
+    });
+    FTUNE_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void lora_down_forward(bf16* u, const bf16* x, const bf16* A, int64_t N, int64_t in, int64_t r,
+                       double p, uint64_t seed, stream_t stream) {
+  lora_down_forward_group(LoraGroup{1, {A}, {seed}}, &u, x, N, in, r, p, stream);
 }
 
 void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int64_t in,
                         int64_t r, double p, uint64_t seed, float alpha, float* workspace,
                         stream_t stream) {
-  const Mask m = checked_mask(r, in, p, seed, x, x, du);
-  if (N <= 0) return;
-  const int chunks = static_cast<int>((N + kBwdRows - 1) / kBwdRows);
-  dispatch(r, p, [&](auto tile, auto drop) {
-    constexpr int R = decltype(tile)::value, W = bwd_cols<R>();
-    const dim3 grid(static_cast<unsigned>((in / W + kBwdThreads - 1) / kBwdThreads),
-                    static_cast<unsigned>(chunks));
-    down_backward_partial<R, decltype(drop)::value><<<grid, kBwdThreads, 0, stream>>>(
-        workspace, dev(du), dev(x), N, in, static_cast<int>(r), m);
-  });
-  FTUNE_CUDA_LAUNCH_CHECK();
-  const int64_t n = r * in;
-  down_backward_reduce<<<grid_for(n, 256), 256, 0, stream>>>(dA, workspace, chunks, n, alpha);
-  FTUNE_CUDA_LAUNCH_CHECK();
+  lora_down_backward_group(LoraGroup{1, {nullptr}, {seed}}, &dA, &du, x, N, in, r, p, alpha,
+                           workspace, stream);
 }
 
 void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_t in, int64_t r,
                       double p, uint64_t seed, stream_t stream) {
-  const Mask m = checked_mask(r, in, p, seed, dx, A, du);
-  if (N <= 0) return;
-  const dim3 grid(static_cast<unsigned>((in / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kUpRows));
-  dispatch(r, p, [&](auto tile, auto drop) {
-    rank_up_kernel<decltype(tile)::value, decltype(drop)::value, false>
-        <<<grid, kUpThreads, 0, stream>>>(dev(dx), dev(du), dev(A), N, in, static_cast<int>(r),
-                                          1.f, m, true);
-  });
-  FTUNE_CUDA_LAUNCH_CHECK();
+  lora_dx_backward_group(LoraGroup{1, {A}, {seed}}, dx, &du, N, in, r, p, stream);
 }
 
 void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t out, int64_t r,
                      float scale, stream_t stream) {
-  const Mask m = checked_mask(r, out, 0.0, 0, y, y, u);  // B is read in scalars
+  checked_mask(r, out, 0.0, 0, y, y, u);  // B is read in scalars where misaligned
   if (N <= 0) return;
   const dim3 grid(static_cast<unsigned>((out / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kUpRows));
   dispatch(r, 0.0, [&](auto tile, auto) {
-    rank_up_kernel<decltype(tile)::value, false, true><<<grid, kUpThreads, 0, stream>>>(
-        dev(y), dev(u), dev(B), N, out, static_cast<int>(r), scale, m, aligned16(B));
+    up_forward_kernel<decltype(tile)::value><<<grid, kUpThreads, 0, stream>>>(
+        dev(y), dev(u), dev(B), N, out, static_cast<int>(r), scale, aligned16(B));
   });
   FTUNE_CUDA_LAUNCH_CHECK();
 }

@@ -123,4 +123,76 @@ void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accum
   }
 }
 
+namespace {
+// Whether a group takes the fused group kernels: every member fused over x and over dx.
+bool group_fused(const LinearOp* ops, int count, const LoraCtx& lc, const bf16* x,
+                 const bf16* dx) {
+  if (count < 1 || count > kLoraGroupMax) return false;
+  for (int i = 0; i < count; ++i)
+    if (!ops[i].slot || !fused(ops[i], lc, x) || (dx && !fused(ops[i], lc, dx))) return false;
+  return true;
+}
+
+LoraGroup group_of(const LinearOp* ops, int count, const LoraCtx& lc) {
+  LoraGroup g;
+  g.count = count;
+  for (int i = 0; i < count; ++i) {
+    g.A[i] = lc.params + ops[i].slot->a_offset;
+    g.seed[i] = ops[i].dropout_seed;
+  }
+  return g;
+}
+}  // namespace
+
+void lora_input_products(const LinearOp* ops, int count, const LoraCtx& lc, const bf16* x,
+                         bf16* const* u) {
+  if (!group_fused(ops, count, lc, x, nullptr)) {
+    for (int i = 0; i < count; ++i) lora_input_product(ops[i], lc, x, u[i]);
+    return;
+  }
+  const LinearOp& op = ops[0];
+  ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
+  lora_down_forward_group(group_of(ops, count, lc), u, x, op.N, op.in,
+                          lc.adapter->spec.rank, lc.dropout, op.stream);
+}
+
+void linear_backward_group(const LinearOp* ops, int count, const LoraCtx& lc, bf16* dx,
+                           const bf16* const* dy, const bf16* x, const bf16* const* u,
+                           bf16* const* du) {
+  if (!group_fused(ops, count, lc, x, dx)) {
+    for (int i = 0; i < count; ++i) linear_backward(ops[i], lc, dx, i > 0, dy[i], x, u[i]);
+    return;
+  }
+  const int64_t r = lc.adapter->spec.rank;
+  const float scale = lc.adapter->spec.scale();
+  const LinearOp& op0 = ops[0];
+  const LoraGroup g = group_of(ops, count, lc);
+  // Per member, as linear_backward: dB += scale dy^T u ; du = scale dy B. Then, for the
+  // group: dA_i += du_i^T dropout_i(x) in one pass over x; the base products into dx; the
+  // LoRA input gradients added in one pass over dx.
+  float* dA[kLoraGroupMax];
+  {
+    ProfileScope ps(op0.prof, Phase::lora_bwd, op0.stream);
+    for (int i = 0; i < count; ++i) {
+      const LinearOp& op = ops[i];
+      const LoraSlot& s = *op.slot;
+      op.gemm.matmul(GemmOp::TN, lc.grads + s.b_offset, dy[i], u[i], op.out, r, op.N, scale,
+                     1.f, op.stream);
+      op.gemm.matmul(GemmOp::NN, du[i], dy[i], lc.params + s.b_offset, op.N, r, op.out, scale,
+                     0.f, op.stream);
+      dA[i] = lc.grads + s.a_offset;
+    }
+    lora_down_backward_group(g, dA, du, x, op0.N, op0.in, r, lc.dropout, 1.f, op0.lora_ws,
+                             op0.stream);
+  }
+  {
+    ProfileScope ps(op0.prof, Phase::base_gemm_bwd, op0.stream);
+    for (int i = 0; i < count; ++i)
+      ops[i].gemm.matmul(GemmOp::NN, dx, dy[i], ops[i].W, op0.N, op0.in, ops[i].out, 1.f,
+                         i > 0 ? 1.f : 0.f, op0.stream);
+  }
+  ProfileScope ps(op0.prof, Phase::lora_bwd, op0.stream);
+  lora_dx_backward_group(g, dx, du, op0.N, op0.in, r, lc.dropout, op0.stream);
+}
+
 }  // namespace ftune::cuda::model

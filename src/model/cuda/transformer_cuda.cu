@@ -562,15 +562,47 @@ struct CudaTransformer::Impl {
     const uint64_t seed = mix_seed(lc.seed, static_cast<uint64_t>(layer) * kNumProj + pi);
     return cm::LinearOp{gemm, stream.get(), dims.N, proj_in_features(c, p),
                         proj_out_features(c, p), weight(layer, p), w.layers[layer].b[pi],
-                        lc.adapter->slot(layer, p), seed, b.xd, b.du, &prof, b.lora_ws};
+                        lc.adapter->slot(layer, p), seed, b.xd, b.du[0], &prof, b.lora_ws};
   }
-  void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x, bool recompute) {
-    cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)], recompute);
+  // u_ready: the projection's u is there already (kept from the forward, or just formed).
+  void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x, bool u_ready) {
+    cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)], u_ready);
   }
   void lin_bwd(int l, Proj p, const cm::LoraCtx& lc, bf16* dx, bool acc, const bf16* dy,
                const bf16* x) {
     if (gfull) full_weight_grad(l, p, dy, x);
     cm::linear_backward(op(l, p, lc), lc, dx, acc, dy, x, acts_for(l).u[static_cast<int>(p)]);
+  }
+
+  // Projections that read the same input (q/k/v; gate/up): with LoRA on each, their LoRA
+  // products with A run as one pass over x / over dx (lora_linear's groups).
+  bool lora_on_all(int l, std::initializer_list<Proj> ps, const cm::LoraCtx& lc) {
+    for (Proj p : ps)
+      if (!lc.adapter->slot(l, p)) return false;
+    return true;
+  }
+  // u of each projection in ps from x (the first, not checkpoint-recomputed forward).
+  void lora_inputs(int l, std::initializer_list<Proj> ps, const cm::LoraCtx& lc, const bf16* x) {
+    std::vector<cm::LinearOp> ops;  // LinearOp holds a reference: built in place
+    std::vector<bf16*> u;
+    for (Proj p : ps) {
+      ops.push_back(op(l, p, lc));
+      u.push_back(acts_for(l).u[static_cast<int>(p)]);
+    }
+    cm::lora_input_products(ops.data(), static_cast<int>(ops.size()), lc, x, u.data());
+  }
+  // dx = the input gradient of every projection in ps (dys in the same order).
+  void lin_bwd_group(int l, std::initializer_list<Proj> ps, const cm::LoraCtx& lc, bf16* dx,
+                     std::initializer_list<const bf16*> dys, const bf16* x) {
+    std::vector<cm::LinearOp> ops;
+    std::vector<const bf16*> u, dy(dys);
+    for (Proj p : ps) {
+      if (gfull) full_weight_grad(l, p, dy[ops.size()], x);
+      ops.push_back(op(l, p, lc));
+      u.push_back(acts_for(l).u[static_cast<int>(p)]);
+    }
+    cm::linear_backward_group(ops.data(), static_cast<int>(ops.size()), lc, dx, dy.data(), x,
+                              u.data(), b.du.data());
   }
 
   // gate = gate(xn2), up = up(xn2), h = silu(gate) up. With LoRA on both (rank <= 8) their
@@ -581,10 +613,15 @@ struct CudaTransformer::Impl {
     const cu::stream_t s = stream.get();
     const int gi = static_cast<int>(Proj::gate), ui = static_cast<int>(Proj::up);
     const LoraSlot *sg = lc.adapter->slot(l, Proj::gate), *su = lc.adapter->slot(l, Proj::up);
+    bool u_ready = recompute;
+    if (!recompute && sg && su) {
+      lora_inputs(l, {Proj::gate, Proj::up}, lc, A.xn2);  // one pass over xn2
+      u_ready = true;
+    }
     if (sg && su && cu::lora_swiglu_supported(lc.adapter->spec.rank, I, A.gate, A.up, A.h,
                                               A.u[gi], A.u[ui])) {
-      cm::linear_forward_base(op(l, Proj::gate, lc), lc, A.gate, A.xn2, A.u[gi], recompute);
-      cm::linear_forward_base(op(l, Proj::up, lc), lc, A.up, A.xn2, A.u[ui], recompute);
+      cm::linear_forward_base(op(l, Proj::gate, lc), lc, A.gate, A.xn2, A.u[gi], u_ready);
+      cm::linear_forward_base(op(l, Proj::up, lc), lc, A.up, A.xn2, A.u[ui], u_ready);
       Scope ps(&prof, cm::Phase::lora_fwd, s);
       const bool recomputed_later = checkpointing && !recompute && l != c.num_hidden_layers - 1;
       cu::lora_swiglu_forward(A.h, A.gate, A.up, A.u[gi], A.u[ui], lc.params + sg->b_offset,
@@ -592,8 +629,8 @@ struct CudaTransformer::Impl {
                               lc.adapter->spec.scale(), s, !recomputed_later);
       return;
     }
-    lin_fwd(l, Proj::gate, lc, A.gate, A.xn2, recompute);
-    lin_fwd(l, Proj::up, lc, A.up, A.xn2, recompute);
+    lin_fwd(l, Proj::gate, lc, A.gate, A.xn2, u_ready);
+    lin_fwd(l, Proj::up, lc, A.up, A.xn2, u_ready);
     Scope ps(&prof, cm::Phase::elementwise, s);
     cu::swiglu_forward(A.h, A.gate, A.up, N * I, s);
   }
@@ -624,10 +661,16 @@ struct CudaTransformer::Impl {
 
     using cm::Phase;
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn1, A.rstd1, x, L.input_norm, N, H, eps, s); }
-    // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k.
-    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1, recompute);
-    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1, recompute);
-    lin_fwd(l, Proj::v, lc, A.v, A.xn1, recompute);
+    // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k. The LoRA
+    // inputs u of q/k/v come from one pass over xn1 (or were kept, in a recompute).
+    bool u_ready = recompute;
+    if (!recompute && lora_on_all(l, {Proj::q, Proj::k, Proj::v}, lc)) {
+      lora_inputs(l, {Proj::q, Proj::k, Proj::v}, lc, A.xn1);
+      u_ready = true;
+    }
+    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1, u_ready);
+    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1, u_ready);
+    lin_fwd(l, Proj::v, lc, A.v, A.xn1, u_ready);
     if (c.qk_norm) {
       Scope ps(&prof, Phase::norm, s);
       cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
@@ -677,8 +720,7 @@ struct CudaTransformer::Impl {
     bf16 *dh = A.h, *dgate = A.gate, *dup = A.up;
     lin_bwd(l, Proj::down, lc, dh, false, b.dx, A.h);
     { Scope ps(&prof, Phase::elementwise, s); cu::swiglu_backward(dgate, dup, dh, A.gate, A.up, N * I, s); }
-    lin_bwd(l, Proj::gate, lc, b.dxn, false, dgate, A.xn2);
-    lin_bwd(l, Proj::up, lc, b.dxn, true, dup, A.xn2);
+    lin_bwd_group(l, {Proj::gate, Proj::up}, lc, b.dxn, {dgate, dup}, A.xn2);
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_backward(b.dx, b.dxn, A.x_mid, L.post_norm, A.rstd2, N, H, true, s); }
     if (gfull) norm_weight_grad(norm_off[l].post, b.dxn, A.x_mid, A.rstd2, N, H);
 
@@ -713,9 +755,7 @@ struct CudaTransformer::Impl {
       dq = b.dq_pre;
       dk = b.dk_pre;
     }
-    lin_bwd(l, Proj::q, lc, b.dxn, false, dq, A.xn1);
-    lin_bwd(l, Proj::k, lc, b.dxn, true, dk, A.xn1);
-    lin_bwd(l, Proj::v, lc, b.dxn, true, b.dv, A.xn1);
+    lin_bwd_group(l, {Proj::q, Proj::k, Proj::v}, lc, b.dxn, {dq, dk, b.dv}, A.xn1);
     {
       Scope ps(&prof, Phase::norm, s);
       cu::rms_norm_backward(b.dx, b.dxn, b.resid[l], L.input_norm, A.rstd1, N, H, true, s);

@@ -64,7 +64,8 @@ struct Buffers {
   // ... and with Dims::keep_mid each layer's x_mid (x + attention's projection), so the
   // recompute skips the o projection and its residual add (one [N, H] per layer).
   std::vector<bf16*> mid_saved;
-  bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *xd, *du;  // MLP grads: in acts
+  bf16 *tmp_h, *dx, *dxn, *datt, *dq, *dk, *dv, *dq_pre, *dk_pre, *xd;  // MLP grads: in acts
+  std::array<bf16*, kLoraGroupMax> du;  // [N, r] each: a projection group's LoRA du
   bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
   float* lora_ws;                      // fused LoRA backward partial sums
   float *rstd_f, *row_loss;
@@ -120,8 +121,10 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
   b.dq_pre = c.qk_norm ? cv.take<bf16>(N * qd) : nullptr;
   b.dk_pre = c.qk_norm ? cv.take<bf16>(N * kvd) : nullptr;
   b.xd = cv.take<bf16>(N * widest);
-  b.du = cv.take<bf16>(N * d.rank);
-  b.lora_ws = cv.take<float>(lora_down_backward_workspace(N, widest, d.rank));
+  for (auto& du : b.du) du = cv.take<bf16>(N * d.rank);
+  // One projection of up to `widest` inputs, or the q/k/v group over H.
+  b.lora_ws = cv.take<float>(std::max(lora_down_backward_workspace(N, widest, d.rank),
+                                      lora_down_backward_workspace(N, H, d.rank, kLoraGroupMax)));
   b.xf = cv.take<bf16>(N * H);
   b.dxf = cv.take<bf16>(N * H);
   b.xc = cv.take<bf16>(d.chunk * H);
