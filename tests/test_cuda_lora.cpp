@@ -129,8 +129,8 @@ TEST_CASE("cuda: gate/up LoRA terms fused with SwiGLU vs cpu") {
   CHECK_FALSE(cu::lora_swiglu_supported(16, 64, nullptr, nullptr, nullptr, nullptr, nullptr));
 }
 
-// The group launches (projections reading one x: q/k/v, gate/up) against one call per member:
-// u and dA must be the same bits (each sum runs in the same order); dx against the CPU twin
+// The backward group launches (projections reading one x: q/k/v, gate/up) against one call
+// per member: dA must be the same bits (each sum runs in the same order); dx against the CPU twin
 // (the members' terms are summed in fp32 and rounded once, where one call per member
 // rounds after each), and within one bf16 rounding per member of the per-member calls.
 TEST_CASE("cuda: LoRA group launches equal one call per projection") {
@@ -155,8 +155,7 @@ TEST_CASE("cuda: LoRA group launches equal one call per projection") {
       INFO("N=" << N << " in=" << in << " r=" << r << " count=" << count << " p=" << p);
       cu::LoraGroup g;
       g.count = count;
-      std::vector<cu::DeviceBuffer> u_one, u_grp, dA_one, dA_grp;
-      std::vector<cu::bf16*> u_ptr;
+      std::vector<cu::DeviceBuffer> dA_one, dA_grp;
       std::vector<float*> dA_ptr;
       std::vector<const cu::bf16*> du_ptr;
       const F dA0 = rand_bf16(rng, r * in);
@@ -164,23 +163,16 @@ TEST_CASE("cuda: LoRA group launches equal one call per projection") {
       for (int i = 0; i < count; ++i) {
         g.A[i] = dA_w[i].as<cu::bf16>();
         g.seed[i] = 777 + 13 * i + static_cast<uint64_t>(p * 100);
-        u_one.emplace_back(N * r * 2);
-        u_grp.emplace_back(N * r * 2);
         dA_one.push_back(cu::to_device(dA0));
         dA_grp.push_back(cu::to_device(dA0));
-        u_ptr.push_back(u_grp.back().as<cu::bf16>());
         dA_ptr.push_back(dA_grp.back().as<float>());
         du_ptr.push_back(dDu[i].as<cu::bf16>());
-        cu::lora_down_forward(u_one[i].as<cu::bf16>(), dX.as<cu::bf16>(), g.A[i], N, in, r, p,
-                              g.seed[i], nullptr);
         cu::lora_down_backward(dA_one[i].as<float>(), du_ptr[i], dX.as<cu::bf16>(), N, in, r, p,
                                g.seed[i], 0.5f, ws.as<float>(), nullptr);
       }
-      cu::lora_down_forward_group(g, u_ptr.data(), dX.as<cu::bf16>(), N, in, r, p, nullptr);
       cu::lora_down_backward_group(g, dA_ptr.data(), du_ptr.data(), dX.as<cu::bf16>(), N, in, r,
                                    p, 0.5f, ws.as<float>(), nullptr);
       for (int i = 0; i < count; ++i) {
-        CHECK(down(u_grp[i], N * r) == down(u_one[i], N * r));
         CHECK(cu::to_host<float>(dA_grp[i], r * in) == cu::to_host<float>(dA_one[i], r * in));
       }
       // dx: the CPU twin sums every member's masked term onto dx0 in fp32.
@@ -189,7 +181,7 @@ TEST_CASE("cuda: LoRA group launches equal one call per projection") {
       auto dDx_one = up(dx0), dDx_grp = up(dx0);
       for (int i = 0; i < count; ++i) {
         cpu::matmul_nn(t.data(), du[i].data(), A[i].data(), N, in, r, 1.f, false);
-        cpu::dropout_apply(tm.data(), t.data(), N * in, p, g.seed[i], true);
+        cpu::dropout_apply(tm.data(), t.data(), N * in, p, g.seed[i], false);
         for (int64_t j = 0; j < N * in; ++j) {
           dx_ref[j] += tm[j];
           mag[j] += std::abs(tm[j]);
@@ -201,11 +193,11 @@ TEST_CASE("cuda: LoRA group launches equal one call per projection") {
       const F got = down(dDx_grp, N * in), one = down(dDx_one, N * in);
       CHECK(err(got, dx_ref) < kTol);
       CHECK(err(one, dx_ref) < kTol);
-      // Per element, the two differ by at most their roundings: count + 1 of at most 2^-9
-      // of the running sum's magnitude (bounded by mag = |dx0| + sum of |terms|).
+      // Per element, the two differ by at most their roundings: count + 1 of at most 2^-8
+      // (half a bf16 ulp) of the running sum's magnitude (<= mag = |dx0| + sum of |terms|).
       int64_t outside = 0;
       for (int64_t j = 0; j < N * in; ++j)
-        if (std::abs(double(got[j]) - one[j]) > (count + 1) * std::ldexp(mag[j], -9) + 1e-6)
+        if (std::abs(double(got[j]) - one[j]) > (count + 1) * std::ldexp(mag[j], -8) + 1e-6)
           ++outside;
       CHECK(outside == 0);
     }

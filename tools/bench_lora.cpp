@@ -89,28 +89,24 @@ int main(int argc, char** argv) {
       });
     }
   }
-  // Groups reading one x of 4096 columns (q/k/v: 3, gate/up: 2) at p = .05: one launch for
-  // the group against `count` single-projection launches (the rows above, `count` times).
+  // Backward groups reading one x of 4096 columns (q/k/v: 3, gate/up: 2) at p = .05: one
+  // launch for the group against `count` single-projection launches (the rows above).
   {
     cu::DeviceBuffer ws3(cu::lora_down_backward_workspace(N, 4096, r, 3) * sizeof(float));
-    cu::DeviceBuffer us(3 * N * r * 2), dAs(3 * r * 4096 * sizeof(float));
+    cu::DeviceBuffer dAs(3 * r * 4096 * sizeof(float));
     dAs.zero();
     for (int count : {3, 2}) {
       cu::LoraGroup grp;
       grp.count = count;
-      cu::bf16* u_ptr[3];
       float* dA_ptr[3];
       const cu::bf16* du_ptr[3];
       for (int i = 0; i < count; ++i) {
         grp.A[i] = A.as<cu::bf16>() + i * r * 4096;
         grp.seed[i] = 7 + i;
-        u_ptr[i] = us.as<cu::bf16>() + i * N * r;
         dA_ptr[i] = dAs.as<float>() + i * r * 4096;
         du_ptr[i] = du.as<cu::bf16>();
       }
       const std::string tag = " x" + std::to_string(count) + " p=.05";
-      add("group down_fwd" + tag, 4096, count * r, 2.0 * N * 4096, 2.0 * N * 4096 * r * count,
-          [&] { cu::lora_down_forward_group(grp, u_ptr, xp, N, 4096, r, 0.05, s); });
       add("group down_bwd" + tag, 4096, count * r, 2.0 * N * 4096, 2.0 * N * 4096 * r * count,
           [&] {
             cu::lora_down_backward_group(grp, dA_ptr, du_ptr, xp, N, 4096, r, 0.05, 1.f,

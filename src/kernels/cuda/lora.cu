@@ -65,16 +65,15 @@ __device__ __forceinline__ void store_floats(__nv_bfloat16* p, const float (&v)[
   *reinterpret_cast<Raw<W>*>(p) = raw;
 }
 
-// The projections of one launch: P of them (q/k/v or gate/up: P <= 3) read the same x [N,
-// in] (or update the same dx), each with its own A [r, in], mask, [N, r] operand and output.
-// One pass over x serves them all; P = 1 is the single-projection launch. Unused fields
+// The projections of one backward launch: P of them (q/k/v or gate/up: P <= 3) read the same
+// x [N, in] (or update the same dx), each with its own A [r, in], mask, du [N, r] and dA.
+// One pass over x (dx) serves them all; P = 1 is the single-projection launch. Unused fields
 // stay null.
 template <int P>
 struct Group {
   static constexpr int kP = P;
   const __nv_bfloat16* A[P];  // [r, in]
-  const __nv_bfloat16* v[P];  // du [N, r] (backward)
-  __nv_bfloat16* u[P];        // [N, r] (forward output)
+  const __nv_bfloat16* v[P];  // du [N, r]
   float* part[P];             // dA partial sums [chunks, r, in]
   float* dA[P];               // [r, in] fp32
   Mask m[P];
@@ -99,66 +98,53 @@ __device__ __forceinline__ void load_rank_row(float (&d)[R], const __nv_bfloat16
 }
 
 // ---------------------------------------------------------------- u = (keep x) A^T
-// A block of 8 warps owns 8 * ROWS rows; each projection's A is staged in shared memory COLS
-// columns at a time and shared by the block; lanes stride over 8-column groups with ROWS
-// 16-byte loads of x in flight, and every x value feeds all P projections (each its own
-// mask); one warp reduction per output at the end. A lane sums its columns in increasing
-// order whatever COLS is, so u has the same bits for P = 1 and for any group.
+// A block of 8 warps owns 8 * ROWS rows; A is staged in shared memory kFwdCols columns at a
+// time and shared by the block; lanes stride over 8-column groups with ROWS 16-byte loads of
+// x in flight; one warp reduction per output at the end.
 constexpr int kFwdWarps = 8;
-template <int R, int P>
-__host__ __device__ constexpr int fwd_rows() { return 32 / (R * P) > 0 ? 32 / (R * P) : 1; }  // 32 accumulators per lane
-template <int R, int P>
-__host__ __device__ constexpr int fwd_cols() { return R * P <= 16 ? 1024 : R * P <= 32 ? 512 : 256; }  // <= 32 KiB of A
-template <int R, int P, bool DROP>
+constexpr int kFwdCols = 1024;
+template <int R, int ROWS, bool DROP>
 __global__ void __launch_bounds__(kFwdWarps * 32, 2)
-    down_forward_kernel(Group<P> g, const __nv_bfloat16* x, int64_t N, int64_t in, int r) {
-  constexpr int ROWS = fwd_rows<R, P>(), COLS = fwd_cols<R, P>();
-  __shared__ __align__(16) __nv_bfloat16 a_s[P][R][COLS];
+    down_forward_kernel(__nv_bfloat16* u, const __nv_bfloat16* x, const __nv_bfloat16* A,
+                        int64_t N, int64_t in, int r, Mask m) {
+  __shared__ __align__(16) __nv_bfloat16 a_s[R][kFwdCols];
   const int lane = threadIdx.x & 31;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / 32) * ROWS;
-  float acc[ROWS][P][R];
+  float acc[ROWS][R];
 #pragma unroll
   for (int j = 0; j < ROWS; ++j)
 #pragma unroll
-    for (int q = 0; q < P; ++q)
-#pragma unroll
-      for (int k = 0; k < R; ++k) acc[j][q][k] = 0.f;
-  for (int64_t c0 = 0; c0 < in; c0 += COLS) {
-    const int width = static_cast<int>(in - c0 < COLS ? in - c0 : COLS);  // % 8 == 0
+    for (int k = 0; k < R; ++k) acc[j][k] = 0.f;
+  for (int64_t c0 = 0; c0 < in; c0 += kFwdCols) {
+    const int width = static_cast<int>(in - c0 < kFwdCols ? in - c0 : kFwdCols);  // % 8 == 0
     __syncthreads();  // the previous chunk's readers are done
-#pragma unroll
-    for (int q = 0; q < P; ++q)  // q unrolled: g stays in registers (no local copy)
-      for (int t = threadIdx.x; t < R * (COLS / 8); t += blockDim.x) {
-        const int k = t / (COLS / 8), gc = (t % (COLS / 8)) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (k < r && gc < width) v = *reinterpret_cast<const uint4*>(g.A[q] + k * in + c0 + gc);
-        *reinterpret_cast<uint4*>(&a_s[q][k][gc]) = v;
-      }
+    for (int t = threadIdx.x; t < R * (kFwdCols / 8); t += blockDim.x) {
+      const int k = t / (kFwdCols / 8), g = (t % (kFwdCols / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (k < r && g < width) v = *reinterpret_cast<const uint4*>(A + k * in + c0 + g);
+      *reinterpret_cast<uint4*>(&a_s[k][g]) = v;
+    }
     __syncthreads();
     if (row0 >= N) continue;  // no early return: the block's barriers need every thread
     for (int cc = lane * 8; cc < width; cc += 32 * 8) {
       const int64_t c = c0 + cc;
-      float xv[ROWS][8];
+      uint4 xr[ROWS];
+#pragma unroll
+      for (int j = 0; j < ROWS; ++j)
+        xr[j] = row0 + j < N ? load_raw<8>(x + (row0 + j) * in + c) : make_uint4(0, 0, 0, 0);
+      float a[R][8];
+#pragma unroll
+      for (int k = 0; k < R; ++k) load8(&a_s[k][cc], a[k]);
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) {
-        const uint4 raw = row0 + j < N ? load_raw<8>(x + (row0 + j) * in + c) : make_uint4(0, 0, 0, 0);
-        to_floats<8>(raw, xv[j]);
-      }
+        float xv[8], kv[8];
+        to_floats<8>(xr[j], xv);
+        keep_scales<8, DROP>(kv, m, static_cast<uint64_t>((row0 + j) * in + c));
 #pragma unroll
-      for (int q = 0; q < P; ++q) {
-        float a[R][8];
+        for (int e = 0; e < 8; ++e) {
+          const float xm = xv[e] * kv[e];
 #pragma unroll
-        for (int k = 0; k < R; ++k) load8(&a_s[q][k][cc], a[k]);
-#pragma unroll
-        for (int j = 0; j < ROWS; ++j) {
-          float kv[8];
-          keep_scales<8, DROP>(kv, g.m[q], static_cast<uint64_t>((row0 + j) * in + c));
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const float xm = xv[j][e] * kv[e];
-#pragma unroll
-            for (int k = 0; k < R; ++k) acc[j][q][k] = fmaf(xm, a[k][e], acc[j][q][k]);
-          }
+          for (int k = 0; k < R; ++k) acc[j][k] = fmaf(xm, a[k][e], acc[j][k]);
         }
       }
     }
@@ -167,12 +153,10 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 2)
   for (int j = 0; j < ROWS; ++j) {
     const int64_t n = row0 + j;
 #pragma unroll
-    for (int q = 0; q < P; ++q)
-#pragma unroll
-      for (int k = 0; k < R; ++k) {
-        const float v = warp_sum(acc[j][q][k]);
-        if (lane == 0 && n < N && k < r) st(g.u[q] + n * r + k, v);
-      }
+    for (int k = 0; k < R; ++k) {
+      const float v = warp_sum(acc[j][k]);
+      if (lane == 0 && n < N && k < r) st(u + n * r + k, v);
+    }
   }
 }
 
@@ -273,7 +257,7 @@ __global__ void down_backward_reduce(Group<P> g, int chunks, int64_t m, float al
 constexpr int kUpRows = 32;
 constexpr int kUpThreads = 128;
 template <int R, int P, bool DROP>
-__global__ void __launch_bounds__(kUpThreads)
+__global__ void __launch_bounds__(kUpThreads, R * P <= 8 ? 4 : 1)  // r <= 8 alone: <= 128 regs
     dx_kernel(__nv_bfloat16* dx, Group<P> g, int64_t N, int64_t cols, int r) {
   constexpr int CW = P == 1 ? 8 : 4, U = P == 1 ? 4 : 8;
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * CW;
@@ -493,7 +477,6 @@ void with_group(const LoraGroup& lg, const bf16* const* v, int64_t r, int64_t in
       g.m[i] = checked_mask(r, in, p, lg.seed[i], x, lg.A[i] ? lg.A[i] : x, v[i]);
       g.A[i] = dev(lg.A[i]);
       g.v[i] = nullptr;
-      g.u[i] = nullptr;
       g.part[i] = g.dA[i] = nullptr;
     }
     f(g);
@@ -510,22 +493,6 @@ void with_group(const LoraGroup& lg, const bf16* const* v, int64_t r, int64_t in
   }
 }
 }  // namespace
-
-void lora_down_forward_group(const LoraGroup& lg, bf16* const* u, const bf16* x, int64_t N,
-                             int64_t in, int64_t r, double p, stream_t stream) {
-  with_group(lg, u, r, in, p, x, [&](auto& g) {
-    constexpr int P = std::decay_t<decltype(g)>::kP;
-    for (int i = 0; i < P; ++i) g.u[i] = dev(u[i]);
-    if (N <= 0) return;
-    dispatch(r, p, [&](auto tile, auto drop) {
-      constexpr int R = decltype(tile)::value;
-      down_forward_kernel<R, P, decltype(drop)::value>
-          <<<rows_grid(N, kFwdWarps * fwd_rows<R, P>()), kFwdWarps * 32, 0, stream>>>(
-              g, dev(x), N, in, static_cast<int>(r));
-    });
-    FTUNE_CUDA_LAUNCH_CHECK();
-  });
-}
 
 int64_t lora_down_backward_workspace(int64_t N, int64_t in, int64_t r, int count) {
   return count * ((N + kBwdRows - 1) / kBwdRows) * r * in;
@@ -576,7 +543,15 @@ void lora_dx_backward_group(const LoraGroup& lg, bf16* dx, const bf16* const* du
 
 void lora_down_forward(bf16* u, const bf16* x, const bf16* A, int64_t N, int64_t in, int64_t r,
                        double p, uint64_t seed, stream_t stream) {
-  lora_down_forward_group(LoraGroup{1, {A}, {seed}}, &u, x, N, in, r, p, stream);
+  const Mask m = checked_mask(r, in, p, seed, x, A, u);
+  if (N <= 0) return;
+  dispatch(r, p, [&](auto tile, auto drop) {
+    constexpr int R = decltype(tile)::value, ROWS = 32 / R;  // 32 accumulators per lane
+    down_forward_kernel<R, ROWS, decltype(drop)::value>
+        <<<rows_grid(N, kFwdWarps * ROWS), kFwdWarps * 32, 0, stream>>>(
+            dev(u), dev(x), dev(A), N, in, static_cast<int>(r), m);
+  });
+  FTUNE_CUDA_LAUNCH_CHECK();
 }
 
 void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int64_t in,

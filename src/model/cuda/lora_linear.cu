@@ -129,7 +129,7 @@ bool group_fused(const LinearOp* ops, int count, const LoraCtx& lc, const bf16* 
                  const bf16* dx) {
   if (count < 1 || count > kLoraGroupMax) return false;
   for (int i = 0; i < count; ++i)
-    if (!ops[i].slot || !fused(ops[i], lc, x) || (dx && !fused(ops[i], lc, dx))) return false;
+    if (!ops[i].slot || !fused(ops[i], lc, x) || !fused(ops[i], lc, dx)) return false;
   return true;
 }
 
@@ -143,18 +143,6 @@ LoraGroup group_of(const LinearOp* ops, int count, const LoraCtx& lc) {
   return g;
 }
 }  // namespace
-
-void lora_input_products(const LinearOp* ops, int count, const LoraCtx& lc, const bf16* x,
-                         bf16* const* u) {
-  if (!group_fused(ops, count, lc, x, nullptr)) {
-    for (int i = 0; i < count; ++i) lora_input_product(ops[i], lc, x, u[i]);
-    return;
-  }
-  const LinearOp& op = ops[0];
-  ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
-  lora_down_forward_group(group_of(ops, count, lc), u, x, op.N, op.in,
-                          lc.adapter->spec.rank, lc.dropout, op.stream);
-}
 
 void linear_backward_group(const LinearOp* ops, int count, const LoraCtx& lc, bf16* dx,
                            const bf16* const* dy, const bf16* x, const bf16* const* u,

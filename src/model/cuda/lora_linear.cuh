@@ -54,13 +54,10 @@ void linear_forward_base(const LinearOp& op, const LoraCtx& lc, bf16* y, const b
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,
                      const bf16* dy, const bf16* x, const bf16* u);
 
-// Projections of one layer that read the same input x (q/k/v of xn1, gate/up of xn2), every
-// one with LoRA. With dropout and shapes the fused kernels take, their products with A run as
-// one pass over x and one over dx for the whole group (kernels/cuda_lora.hpp's groups);
-// otherwise projection by projection, as the single-projection calls above.
-// u[i] = dropout_i(x) A_i^T for each member.
-void lora_input_products(const LinearOp* ops, int count, const LoraCtx& lc, const bf16* x,
-                         bf16* const* u);
+// Projections of one layer that read the same input x (q/k/v of xn1, gate/up of xn2). With
+// LoRA on each, dropout and shapes the fused kernels take, their backward products with A run
+// as one pass over x and one over dx for the whole group (kernels/cuda_lora.hpp's groups);
+// otherwise projection by projection, as linear_backward.
 // dx = sum_i (dy_i W_i + member i's LoRA input gradient); each member's dA, dB added into
 // lc.grads. du: count scratch buffers [N, r]; the ops' lora_ws must hold
 // lora_down_backward_workspace(N, in, r, count) floats. dx must not alias x.

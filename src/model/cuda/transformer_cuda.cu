@@ -564,7 +564,7 @@ struct CudaTransformer::Impl {
                         proj_out_features(c, p), weight(layer, p), w.layers[layer].b[pi],
                         lc.adapter->slot(layer, p), seed, b.xd, b.du[0], &prof, b.lora_ws};
   }
-  // u_ready: the projection's u is there already (kept from the forward, or just formed).
+  // u_ready: the projection's u is there already (kept from the forward for a recompute).
   void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x, bool u_ready) {
     cm::linear_forward(op(l, p, lc), lc, y, x, acts_for(l).u[static_cast<int>(p)], u_ready);
   }
@@ -575,22 +575,7 @@ struct CudaTransformer::Impl {
   }
 
   // Projections that read the same input (q/k/v; gate/up): with LoRA on each, their LoRA
-  // products with A run as one pass over x / over dx (lora_linear's groups).
-  bool lora_on_all(int l, std::initializer_list<Proj> ps, const cm::LoraCtx& lc) {
-    for (Proj p : ps)
-      if (!lc.adapter->slot(l, p)) return false;
-    return true;
-  }
-  // u of each projection in ps from x (the first, not checkpoint-recomputed forward).
-  void lora_inputs(int l, std::initializer_list<Proj> ps, const cm::LoraCtx& lc, const bf16* x) {
-    std::vector<cm::LinearOp> ops;  // LinearOp holds a reference: built in place
-    std::vector<bf16*> u;
-    for (Proj p : ps) {
-      ops.push_back(op(l, p, lc));
-      u.push_back(acts_for(l).u[static_cast<int>(p)]);
-    }
-    cm::lora_input_products(ops.data(), static_cast<int>(ops.size()), lc, x, u.data());
-  }
+  // backward products with A run as one pass over x and over dx (lora_linear's groups).
   // dx = the input gradient of every projection in ps (dys in the same order).
   void lin_bwd_group(int l, std::initializer_list<Proj> ps, const cm::LoraCtx& lc, bf16* dx,
                      std::initializer_list<const bf16*> dys, const bf16* x) {
@@ -613,15 +598,10 @@ struct CudaTransformer::Impl {
     const cu::stream_t s = stream.get();
     const int gi = static_cast<int>(Proj::gate), ui = static_cast<int>(Proj::up);
     const LoraSlot *sg = lc.adapter->slot(l, Proj::gate), *su = lc.adapter->slot(l, Proj::up);
-    bool u_ready = recompute;
-    if (!recompute && sg && su) {
-      lora_inputs(l, {Proj::gate, Proj::up}, lc, A.xn2);  // one pass over xn2
-      u_ready = true;
-    }
     if (sg && su && cu::lora_swiglu_supported(lc.adapter->spec.rank, I, A.gate, A.up, A.h,
                                               A.u[gi], A.u[ui])) {
-      cm::linear_forward_base(op(l, Proj::gate, lc), lc, A.gate, A.xn2, A.u[gi], u_ready);
-      cm::linear_forward_base(op(l, Proj::up, lc), lc, A.up, A.xn2, A.u[ui], u_ready);
+      cm::linear_forward_base(op(l, Proj::gate, lc), lc, A.gate, A.xn2, A.u[gi], recompute);
+      cm::linear_forward_base(op(l, Proj::up, lc), lc, A.up, A.xn2, A.u[ui], recompute);
       Scope ps(&prof, cm::Phase::lora_fwd, s);
       const bool recomputed_later = checkpointing && !recompute && l != c.num_hidden_layers - 1;
       cu::lora_swiglu_forward(A.h, A.gate, A.up, A.u[gi], A.u[ui], lc.params + sg->b_offset,
@@ -629,8 +609,8 @@ struct CudaTransformer::Impl {
                               lc.adapter->spec.scale(), s, !recomputed_later);
       return;
     }
-    lin_fwd(l, Proj::gate, lc, A.gate, A.xn2, u_ready);
-    lin_fwd(l, Proj::up, lc, A.up, A.xn2, u_ready);
+    lin_fwd(l, Proj::gate, lc, A.gate, A.xn2, recompute);
+    lin_fwd(l, Proj::up, lc, A.up, A.xn2, recompute);
     Scope ps(&prof, cm::Phase::elementwise, s);
     cu::swiglu_forward(A.h, A.gate, A.up, N * I, s);
   }
@@ -661,16 +641,10 @@ struct CudaTransformer::Impl {
 
     using cm::Phase;
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn1, A.rstd1, x, L.input_norm, N, H, eps, s); }
-    // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k. The LoRA
-    // inputs u of q/k/v come from one pass over xn1 (or were kept, in a recompute).
-    bool u_ready = recompute;
-    if (!recompute && lora_on_all(l, {Proj::q, Proj::k, Proj::v}, lc)) {
-      lora_inputs(l, {Proj::q, Proj::k, Proj::v}, lc, A.xn1);
-      u_ready = true;
-    }
-    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1, u_ready);
-    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1, u_ready);
-    lin_fwd(l, Proj::v, lc, A.v, A.xn1, u_ready);
+    // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k.
+    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1, recompute);
+    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1, recompute);
+    lin_fwd(l, Proj::v, lc, A.v, A.xn1, recompute);
     if (c.qk_norm) {
       Scope ps(&prof, Phase::norm, s);
       cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
