@@ -257,7 +257,7 @@ __global__ void down_backward_reduce(Group<P> g, int chunks, int64_t m, float al
 constexpr int kUpRows = 32;
 constexpr int kUpThreads = 128;
 template <int R, int P, bool DROP>
-__global__ void __launch_bounds__(kUpThreads, R * P <= 8 ? 4 : 1)  // r <= 8 alone: <= 128 regs
+__global__ void __launch_bounds__(kUpThreads, R * P <= 8 ? 4 : R == 8 ? 3 : 1)  // r <= 8: 4 / 3 blocks per SM
     dx_kernel(__nv_bfloat16* dx, Group<P> g, int64_t N, int64_t cols, int r) {
   constexpr int CW = P == 1 ? 8 : 4, U = P == 1 ? 4 : 8;
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * CW;
