@@ -202,6 +202,18 @@ TEST_CASE("CUDA dropout masks equal the CPU's (p = 0.1, same seed)") {
       CHECK(other.grad_rel > 5 * kGradTol);  // the comparison can tell masks apart
     }
   }
+  // Rank 24: past the fused kernels (r <= 16), so every projection takes the unfused path
+  // (explicit dropout(x) in the scratch that is carved only when that path may run).
+  SUBCASE("llama, rank 24: the unfused path") {
+    LoraSpec spec = gpu_spec(0.1);
+    spec.rank = 24;
+    Setup s(gpu_config("llama"), spec, kLengths);
+    CpuTransformer cpu(s.w, false);
+    CudaTransformer gpu(s.w, false, true);
+    const Cmp same = compare(run(cpu, s.mb, s.a, kSeed), run(gpu, s.mb, s.a, kSeed), s.a);
+    report("llama rank 24 dropout, same seed", same);
+    check_close(same);
+  }
 }
 
 TEST_CASE("CUDA gradient checkpointing (and selective recompute) gives the same loss and gradients") {

@@ -1,6 +1,8 @@
 // LoRA projections on the device (see lora_linear.cuh). With dropout, the products with A
 // go through the fused kernels of kernels/cuda_lora.hpp (mask applied on the fly); without
 // it, or where those do not apply, through cuBLASLt on an explicit dropout(x).
+#include <stdexcept>
+
 #include "ftune/kernels/cuda_lora.hpp"
 #include "ftune/kernels/cuda_ops.hpp"
 #include "lora_linear.cuh"
@@ -19,6 +21,7 @@ bool fused(const LinearOp& op, const LoraCtx& lc, const void* x_or_dx) {
 // The unfused path's LoRA input: x itself, or dropout(x) written to op.xd.
 const bf16* dropout_input(const LinearOp& op, const LoraCtx& lc, const bf16* x) {
   if (lc.dropout <= 0) return x;
+  if (!op.xd) throw std::logic_error("lora_linear: unfused LoRA path without its dropout scratch");
   ProfileScope ps(op.prof, Phase::dropout, op.stream);
   dropout_apply(op.xd, x, op.N * op.in, lc.dropout, op.dropout_seed, false, op.stream);
   return op.xd;

@@ -471,6 +471,17 @@ struct CudaTransformer::Impl {
   }
 
   // Validates ids, sizes the arena and uploads the batch.
+  // Whether some projection may take lora_linear's unfused path (the one that needs b.xd):
+  // the fused kernels take r <= 16, widths that are multiples of 8 and 16-byte aligned A
+  // (activations are carved 256-byte aligned).
+  static bool may_take_unfused_lora(const LoraAdapter& a) {
+    if (a.slots.empty()) return false;
+    if (a.spec.rank > 16) return true;
+    for (const LoraSlot& s : a.slots)
+      if (s.in % 8 != 0 || s.out % 8 != 0 || s.a_offset % 8 != 0) return true;
+    return false;
+  }
+
   void prepare(const MicroBatch& mb, const LoraAdapter& a) {
     const int64_t N = mb.num_tokens(), V = c.vocab_size;
     std::vector<int32_t> rows, targets;
@@ -496,6 +507,7 @@ struct CudaTransformer::Impl {
       max_seqlen = std::max(max_seqlen, mb.seq_start[s + 1] - mb.seq_start[s]);
     dims.attn_ws = flash ? cu::flash_attention_backward_workspace(attn_shape()) : 0;
     dims.keep_mid = checkpointing && keep_mid_residuals;
+    dims.unfused_lora = may_take_unfused_lora(a);
     ensure_rope(mb.max_position() + 1);
 
     cm::Carver measure(nullptr);

@@ -49,6 +49,9 @@ struct Dims {
   int64_t rank = 0;
   size_t attn_ws = 0; // flash backward workspace bytes
   bool keep_mid = false;  // checkpointing keeps each layer's x_mid (selective recompute)
+  // The unfused LoRA path may run (rank > 16, or a width / A offset the fused kernels do
+  // not take): it needs the [N, widest] dropout scratch xd (224 MiB at the 8B shape, batch 4).
+  bool unfused_lora = true;
 };
 
 struct Buffers {
@@ -120,7 +123,7 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
   b.dv = cv.take<bf16>(N * kvd);
   b.dq_pre = c.qk_norm ? cv.take<bf16>(N * qd) : nullptr;
   b.dk_pre = c.qk_norm ? cv.take<bf16>(N * kvd) : nullptr;
-  b.xd = cv.take<bf16>(N * widest);
+  b.xd = d.unfused_lora ? cv.take<bf16>(N * widest) : nullptr;
   for (auto& du : b.du) du = cv.take<bf16>(N * d.rank);
   // One projection of up to `widest` inputs, or the q/k/v group over H.
   b.lora_ws = cv.take<float>(std::max(lora_down_backward_workspace(N, widest, d.rank),
