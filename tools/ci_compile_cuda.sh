@@ -2,8 +2,8 @@
 # CI's check that all CUDA code compiles, on a machine without a GPU (CI has none, and no
 # CUDA 12). Needs Debian's nvidia-cuda-toolkit (11.8, non-free; tools/install_deps.sh installs
 # it with FTUNE_CUDA_COMPILE_CHECK=1) and its host compiler g++-11. It compiles:
-#   - every src/**/*.cu for sm_80 (CUDA 11.8 knows no sm_90a; the kernels use only sm_80
-#     instructions: mma.sync, ldmatrix, cp.async), objects thrown away;
+#   - every src/**/*.cu and tools/*.cu for sm_80 (CUDA 11.8 knows no sm_90a; the kernels use
+#     only sm_80 instructions: mma.sync, ldmatrix, cp.async), objects thrown away;
 #   - the host C++ that builds only with the CUDA backend (FTUNE_HAVE_CUDA: the trainer's
 #     backend choice, the GPU step runner, the test_cuda_* tests), with the flags CMake
 #     gave the CPU build (build/compile_commands.json; run tools/build.sh first).
@@ -20,7 +20,7 @@ trap 'rm -rf "$out"' EXIT
 echo "[ci_compile_cuda] $("$NVCC" --version | grep release), host $HOSTCXX, sm_$ARCH"
 failed=()
 n=0
-for f in $(git ls-files 'src/*.cu'); do
+for f in $(git ls-files 'src/*.cu' 'tools/*.cu'); do
   n=$((n + 1))
   "$NVCC" -ccbin "$HOSTCXX" -std=c++17 -O1 -Iinclude -DFTUNE_HAVE_CUDA=1 \
     -gencode "arch=compute_$ARCH,code=sm_$ARCH" -c "$f" -o "$out/obj.o" || failed+=("$f")
