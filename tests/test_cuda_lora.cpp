@@ -12,6 +12,7 @@
 #include "cuda_test_util.hpp"
 #include "ftune/kernels/cpu_ops.hpp"
 #include "ftune/kernels/cuda_lora.hpp"
+#include "ftune/kernels/cuda_ops.hpp"
 
 using namespace ftune::test::cuda;
 namespace cpu = ftune::cpu;
@@ -208,4 +209,78 @@ TEST_CASE("cuda: LoRA group launches equal one call per projection") {
   const cu::bf16* du = b.as<cu::bf16>();
   CHECK_THROWS_AS(cu::lora_dx_backward_group(none, b.as<cu::bf16>(), &du, 8, 64, 8, 0.0, nullptr),
                   cu::CudaError);
+}
+
+// The forward's LoRA terms folded into the pass after the projection: into the residual add
+// (o, down) and into RoPE (q, k). Each must give the same bits as lora_up_forward followed by
+// that pass (residual_add, rope_forward: both checked against the CPU in
+// test_cuda_kernels.cpp), and stay within bf16 tolerance of the CPU twin (fp32 matmul, add,
+// RoPE). Ragged row counts, ranks 1..16 (RoPE: 1..8), head dims 8, 64, 128, packed positions.
+TEST_CASE("cuda: LoRA terms folded into the residual add and RoPE equal the separate passes") {
+  REQUIRE_GPU();
+  std::mt19937 rng(41);
+  struct Res { int64_t N, cols, r; };
+  for (const Res sh : {Res{1, 8, 1}, Res{37, 136, 4}, Res{300, 1032, 8}, Res{129, 264, 13},
+                       Res{1000, 4096, 8}}) {
+    const auto [N, cols, r] = sh;
+    const float scale = 2.f;
+    const F y = rand_bf16(rng, N * cols), x = rand_bf16(rng, N * cols, 4.f);
+    const F u = rand_bf16(rng, N * r), B = rand_bf16(rng, cols * r, 0.1f);
+    auto dY = up(y), dX = up(x), dU = up(u), dB = up(B), dOut = up(F(N * cols, 7.f));
+    REQUIRE(cu::lora_up_residual_supported(r, cols, dOut.get(), dX.get(), dY.get(), dU.get()));
+    cu::lora_up_residual_forward(dOut.as<cu::bf16>(), dX.as<cu::bf16>(), dY.as<cu::bf16>(),
+                                 dU.as<cu::bf16>(), dB.as<cu::bf16>(), N, cols, r, scale, nullptr);
+    auto dY2 = up(y), dOut2 = up(F(N * cols, 7.f));
+    cu::lora_up_forward(dY2.as<cu::bf16>(), dU.as<cu::bf16>(), dB.as<cu::bf16>(), N, cols, r,
+                        scale, nullptr);
+    cu::residual_add(dOut2.as<cu::bf16>(), dX.as<cu::bf16>(), dY2.as<cu::bf16>(), N * cols,
+                     nullptr);
+    F t(N * cols), ref(N * cols);
+    cpu::matmul_nt(t.data(), u.data(), B.data(), N, cols, r, 1.f, false);
+    for (int64_t i = 0; i < N * cols; ++i) ref[i] = x[i] + (y[i] + scale * t[i]);
+    INFO("residual N=" << N << " cols=" << cols << " r=" << r);
+    const F got = down(dOut, N * cols);
+    CHECK(mismatches(got, down(dOut2, N * cols)) == 0);
+    CHECK(err(got, ref) < kTol);
+    CHECK(down(dY, N * cols) == y);  // y is read, not written
+  }
+  struct Rope { int64_t N, heads, hd, r; };
+  for (const Rope sh : {Rope{1, 1, 8, 1}, Rope{33, 3, 64, 3}, Rope{300, 4, 128, 8},
+                        Rope{1000, 8, 128, 8}, Rope{257, 2, 64, 8}}) {
+    const auto [N, heads, hd, r] = sh;
+    const int64_t cols = heads * hd, half = hd / 2, max_pos = 2048;
+    F cs(max_pos * half), sn(max_pos * half);
+    for (int64_t p = 0; p < max_pos; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        const double a = p * std::pow(500000.0, -2.0 * i / hd);
+        cs[p * half + i] = float(std::cos(a));
+        sn[p * half + i] = float(std::sin(a));
+      }
+    std::vector<int32_t> pos(N);
+    std::uniform_int_distribution<int32_t> pick(0, max_pos - 1);
+    for (auto& p : pos) p = pick(rng);
+    const float scale = 0.5f;
+    const F y = rand_bf16(rng, N * cols, 2.f), u = rand_bf16(rng, N * r);
+    const F B = rand_bf16(rng, cols * r, 0.1f);
+    auto dC = cu::to_device(cs), dS = cu::to_device(sn), dP = cu::to_device(pos);
+    auto dY = up(y), dY2 = up(y), dU = up(u), dB = up(B);
+    REQUIRE(cu::lora_up_rope_supported(r, hd, dY.get(), dU.get(), dC.as<float>(), dS.as<float>()));
+    cu::lora_up_rope_forward(dY.as<cu::bf16>(), dU.as<cu::bf16>(), dB.as<cu::bf16>(),
+                             dC.as<float>(), dS.as<float>(), dP.as<int32_t>(), N, heads, hd, r,
+                             scale, nullptr);
+    cu::lora_up_forward(dY2.as<cu::bf16>(), dU.as<cu::bf16>(), dB.as<cu::bf16>(), N, cols, r,
+                        scale, nullptr);
+    cu::rope_forward(dY2.as<cu::bf16>(), dC.as<float>(), dS.as<float>(), dP.as<int32_t>(), N,
+                     heads, hd, nullptr);
+    F t(N * cols), ref(N * cols);
+    cpu::matmul_nt(t.data(), u.data(), B.data(), N, cols, r, 1.f, false);
+    for (int64_t i = 0; i < N * cols; ++i) ref[i] = y[i] + scale * t[i];
+    cpu::rope_forward(ref.data(), cs.data(), sn.data(), pos.data(), N, heads, hd);
+    INFO("rope N=" << N << " heads=" << heads << " hd=" << hd << " r=" << r);
+    const F got = down(dY, N * cols);
+    CHECK(mismatches(got, down(dY2, N * cols)) == 0);
+    CHECK(err(got, ref) < kTol);
+  }
+  CHECK_FALSE(cu::lora_up_rope_supported(16, 128, nullptr, nullptr, nullptr, nullptr));
+  CHECK_FALSE(cu::lora_up_rope_supported(8, 12, nullptr, nullptr, nullptr, nullptr));
 }

@@ -12,6 +12,10 @@
 //                                                                 forward's LoRA term)
 //   lora_swiglu_forward: gate, up += their LoRA terms (as lora_up_forward), then
 //                        h = silu(gate) up (as swiglu_forward): one pass instead of three
+//   lora_up_residual_forward: out = resid + (y + scale u B^T) (as lora_up_forward then
+//                        residual_add, y untouched): o and down, one pass instead of two
+//   lora_up_rope_forward: x = rope(x + scale u B^T) in place (as lora_up_forward then
+//                        rope_forward): q and k, one pass instead of two
 // CPU twin: cpu::dropout_apply then cpu::matmul_nt / matmul_tn / matmul_nn (tests compare).
 // p == 0 skips the mask's hash altogether.
 // Supported when lora_fused_supported(r, in); callers fall back to dropout_apply + GEMMs.
@@ -67,6 +71,22 @@ void lora_dx_backward_group(const LoraGroup& g, bf16* dx, const bf16* const* du,
 // when lora_fused_supported(r, out, y, u).
 void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t out, int64_t r,
                      float scale, stream_t stream);
+
+// The residual add after a projection (o, down) with its LoRA term folded in: out = resid +
+// (y + scale u B^T), every array [N, cols]; y is read, not written (out may alias resid).
+bool lora_up_residual_supported(int64_t r, int64_t cols, const void* out, const void* resid,
+                                const void* y, const void* u);
+void lora_up_residual_forward(bf16* out, const bf16* resid, const bf16* y, const bf16* u,
+                              const bf16* B, int64_t N, int64_t cols, int64_t r, float scale,
+                              stream_t stream);
+
+// RoPE after q or k with the projection's LoRA term folded in: x [N, heads * head_dim] =
+// rope(x + scale u B^T) in place (cos/sin/positions as rope_forward's).
+bool lora_up_rope_supported(int64_t r, int64_t head_dim, const void* x, const void* u,
+                            const float* cos, const float* sin);
+void lora_up_rope_forward(bf16* x, const bf16* u, const bf16* B, const float* cos,
+                          const float* sin, const int32_t* positions, int64_t N, int64_t heads,
+                          int64_t head_dim, int64_t r, float scale, stream_t stream);
 
 // The MLP's gate and up LoRA terms fused with SwiGLU: gate, up [N, I] updated in place, h
 // [N, I] written; u_* [N, r]; B_* [I, r]. Supported when lora_swiglu_supported (r <= 8).

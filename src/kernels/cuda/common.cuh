@@ -114,6 +114,14 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
   return warp_sum(v);
 }
 
+// One RoPE rotation (oa, ob) = (a c - b s, b c + a s) in the CPU twin's order with explicitly
+// rounded multiplies (no FMA contraction): rope.cu and the LoRA term folded into RoPE.
+__device__ __forceinline__ void rope_rotate(float a, float b, float c, float s, float& oa,
+                                            float& ob) {
+  oa = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+  ob = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
 // The dropout mask of cpu::dropout_keep (ftune/kernels/dropout_mask.hpp), under the names the
 // kernels use.
 __device__ __forceinline__ uint32_t dropout_draw(uint32_t key, uint64_t pair) {

@@ -5,65 +5,11 @@
 // versions re-read A through L1 for every 4 rows and reached 0.55-0.9 TB/s on an H200.
 #include <type_traits>
 
-#include "common.cuh"
-#include "ftune/kernels/cuda_lora.hpp"
+#include "lora_common.cuh"
 
 namespace ftune::cuda {
 namespace {
-using namespace detail;
-
-// The dropout mask of dropout_apply over flat indices, and whether to evaluate it at all
-// (p == 0 skips the hash).
-struct Mask {
-  uint32_t key, thr;
-  float ks;
-};
-
-// keep-scales k[e] of elements [i, i + W), i a multiple of W (W even: W / 2 draws).
-template <int W, bool DROP>
-__device__ __forceinline__ void keep_scales(float (&k)[W], const Mask& m, uint64_t i) {
-#pragma unroll
-  for (int j = 0; j < W / 2; ++j) {
-    if constexpr (DROP) {
-      const uint32_t d = dropout_draw(m.key, i / 2 + j);
-      k[2 * j] = keep_bit(d, 0, m.thr) ? m.ks : 0.f;
-      k[2 * j + 1] = keep_bit(d, 1, m.thr) ? m.ks : 0.f;
-    } else {
-      k[2 * j] = k[2 * j + 1] = 1.f;
-    }
-  }
-}
-
-// W consecutive bf16 (W = 2, 4 or 8: one 4-, 8- or 16-byte access) as raw bits, and to floats.
-template <int W>
-using Raw = std::conditional_t<W == 8, uint4, std::conditional_t<W == 4, uint2, uint32_t>>;
-template <int W>
-__device__ __forceinline__ Raw<W> load_raw(const __nv_bfloat16* p) {
-  return *reinterpret_cast<const Raw<W>*>(p);
-}
-template <int W>
-__device__ __forceinline__ void to_floats(const Raw<W>& raw, float (&v)[W]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int j = 0; j < W / 2; ++j) {
-    const float2 f = __bfloat1622float2(h[j]);
-    v[2 * j] = f.x;
-    v[2 * j + 1] = f.y;
-  }
-}
-
-template <int W>
-__device__ __forceinline__ void load_floats(const __nv_bfloat16* p, float (&v)[W]) {
-  to_floats<W>(load_raw<W>(p), v);
-}
-template <int W>
-__device__ __forceinline__ void store_floats(__nv_bfloat16* p, const float (&v)[W]) {
-  Raw<W> raw;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int j = 0; j < W / 2; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
-  *reinterpret_cast<Raw<W>*>(p) = raw;
-}
+using namespace lora_detail;
 
 // The projections of one backward launch: P of them (q/k/v or gate/up: P <= 3) read the same
 // x [N, in] (or update the same dx), each with its own A [r, in], mask, du [N, r] and dA.
@@ -78,24 +24,6 @@ struct Group {
   float* dA[P];               // [r, in] fp32
   Mask m[P];
 };
-
-// d[k] = v[n, k] for k < r, zeros for the padding ranks (one 16-byte load per 8 when r == R).
-template <int R>
-__device__ __forceinline__ void load_rank_row(float (&d)[R], const __nv_bfloat16* v, int64_t n,
-                                              int r) {
-  if (r == R) {
-#pragma unroll
-    for (int k = 0; k < R; k += 8) {
-      float t[8];
-      load8(v + n * R + k, t);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) d[k + e] = t[e];
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < R; ++k) d[k] = k < r ? ld(v + n * r + k) : 0.f;
-  }
-}
 
 // ---------------------------------------------------------------- u = (keep x) A^T
 // A block of 8 warps owns 8 * ROWS rows; A is staged in shared memory kFwdCols columns at a
@@ -254,8 +182,6 @@ __global__ void down_backward_reduce(Group<P> g, int chunks, int64_t m, float al
 // A_q in registers: CW = 8 for one projection, 4 for a group) for kUpRows rows, U rows of dx
 // in flight; a warp covers 32 * CW adjacent columns of one row, so dx moves in 256-512-byte
 // runs and du_q[n, :] is a broadcast.
-constexpr int kUpRows = 32;
-constexpr int kUpThreads = 128;
 template <int R, int P, bool DROP>
 __global__ void __launch_bounds__(kUpThreads, R * P <= 8 ? 4 : R == 8 ? 3 : 1)  // r <= 8: 4 / 3 blocks per SM
     dx_kernel(__nv_bfloat16* dx, Group<P> g, int64_t N, int64_t cols, int r) {
@@ -308,154 +234,6 @@ __global__ void __launch_bounds__(kUpThreads, R * P <= 8 ? 4 : R == 8 ? 3 : 1)  
     }
   }
 }
-
-// ---------------------------------------------------------------- y += scale u B^T
-// The forward's LoRA term. A thread owns one 8-column group (its slice of B^T in registers)
-// for kUpRows rows, kUpUnroll rows of y in flight; a warp covers 256 adjacent columns of one
-// row, so y moves in 512-byte runs and u[n, :] is a broadcast. y is read in bf16, the sum
-// added in fp32, rounded once.
-// a[k][e] = B[c + e, k] for k < r, zeros for the padding ranks (B [cols, r] row-major; vec:
-// B's rows may be read in 16-byte loads).
-template <int R>
-__device__ __forceinline__ void load_slice(float (&a)[R][8], const __nv_bfloat16* B, int64_t c,
-                                           int r, bool vec) {
-  if (r == R && vec) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-#pragma unroll
-      for (int k = 0; k < R; k += 8) {
-        float t[8];
-        load8(B + (c + e) * R + k, t);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) a[k + q][e] = t[q];
-      }
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < R; ++k)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) a[k][e] = k < r ? ld(B + (c + e) * r + k) : 0.f;
-}
-
-constexpr int kUpUnroll = 4;
-template <int R>
-__global__ void __launch_bounds__(kUpThreads)
-    up_forward_kernel(__nv_bfloat16* y, const __nv_bfloat16* u, const __nv_bfloat16* B,
-                      int64_t N, int64_t cols, int r, float alpha, bool b_vec) {
-  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * 8;
-  if (c >= cols) return;
-  float a[R][8];
-  load_slice<R>(a, B, c, r, b_vec);
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kUpRows;
-  const int64_t n1 = N < n0 + kUpRows ? N : n0 + kUpRows;
-  for (int64_t n = n0; n < n1; n += kUpUnroll) {
-    uint4 yr[kUpUnroll];
-#pragma unroll
-    for (int j = 0; j < kUpUnroll; ++j)
-      if (n + j < n1) yr[j] = load_raw<8>(y + (n + j) * cols + c);
-#pragma unroll
-    for (int j = 0; j < kUpUnroll; ++j) {
-      if (n + j >= n1) break;
-      float d[R], acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      load_rank_row<R>(d, u, n + j, r);
-#pragma unroll
-      for (int k = 0; k < R; ++k)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = fmaf(d[k], a[k][e], acc[e]);
-      float out[8];
-      to_floats<8>(yr[j], out);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] += alpha * acc[e];
-      store8(y + (n + j) * cols + c, out);
-    }
-  }
-}
-
-// ---------------------------------------------------------------- gate/up LoRA + SwiGLU
-// gate += scale u_g B_g^T and up += scale u_u B_u^T (each rounded to bf16 once and written
-// back: the backward reads them), then h = silu(gate) up from the rounded values, exactly as
-// up_forward_kernel twice followed by swiglu_forward, in one pass over gate and up instead of
-// three. Rank tile 8 only (two B slices live in registers). KEEP = false skips writing gate
-// and up back (a checkpointed forward whose backward recomputes them needs h alone).
-constexpr int kSwiRows = 32;
-template <bool KEEP>
-__global__ void __launch_bounds__(kUpThreads)
-    swiglu_up_kernel(__nv_bfloat16* h, __nv_bfloat16* gate, __nv_bfloat16* up,
-                     const __nv_bfloat16* ug, const __nv_bfloat16* uu, const __nv_bfloat16* Bg,
-                     const __nv_bfloat16* Bu, int64_t N, int64_t I, int r, float alpha, bool vec) {
-  constexpr int R = 8;
-  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kUpThreads + threadIdx.x) * 8;
-  if (c >= I) return;
-  float ag[R][8], au[R][8];
-  load_slice<R>(ag, Bg, c, r, vec);
-  load_slice<R>(au, Bu, c, r, vec);
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSwiRows;
-  const int64_t n1 = N < n0 + kSwiRows ? N : n0 + kSwiRows;
-  for (int64_t n = n0; n < n1; n += 2) {
-    uint4 gr[2], ur[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      if (n + j < n1) {
-        gr[j] = load_raw<8>(gate + (n + j) * I + c);
-        ur[j] = load_raw<8>(up + (n + j) * I + c);
-      }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (n + j >= n1) break;
-      float dg[R], du[R], g[8], u[8], hv[8];
-      load_rank_row<R>(dg, ug, n + j, r);
-      load_rank_row<R>(du, uu, n + j, r);
-      to_floats<8>(gr[j], g);
-      to_floats<8>(ur[j], u);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        float accg = 0.f, accu = 0.f;
-#pragma unroll
-        for (int k = 0; k < R; ++k) {
-          accg = fmaf(dg[k], ag[k][e], accg);
-          accu = fmaf(du[k], au[k][e], accu);
-        }
-        g[e] = __bfloat162float(__float2bfloat16_rn(g[e] + alpha * accg));
-        u[e] = __bfloat162float(__float2bfloat16_rn(u[e] + alpha * accu));
-        hv[e] = g[e] / (1.f + expf(-g[e])) * u[e];
-      }
-      if constexpr (KEEP) {
-        store8(gate + (n + j) * I + c, g);
-        store8(up + (n + j) * I + c, u);
-      }
-      store8(h + (n + j) * I + c, hv);
-    }
-  }
-}
-
-// Validates a launch (throws on what the kernels do not support) and returns its mask. v is
-// the [N, r] operand (u or du), read in 16-byte rows when r fills the register tile.
-Mask checked_mask(int64_t r, int64_t in, double p, uint64_t seed, const void* x, const void* A,
-                  const void* v) {
-  if (!lora_fused_supported(r, in, x, A) || !aligned16(v))
-    throw CudaError("fused LoRA kernels: r = " + std::to_string(r) + ", in = " +
-                    std::to_string(in) + " not supported (r <= 16, in % 8 == 0, 16-byte aligned)");
-  if (!(p >= 0.0 && p < 1.0)) throw CudaError("fused LoRA kernels: p must be in [0, 1)");
-  return {dropout_key(seed), dropout_threshold(p), p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f};
-}
-
-// f(std::integral_constant<int, R>, std::bool_constant<DROP>) with the kernels' register
-// tile R (8 for r <= 8, else 16) and whether a mask is drawn (p > 0).
-template <class F>
-void dispatch(int64_t r, double p, F&& f) {
-  auto with_drop = [&](auto tile) {
-    if (p > 0)
-      f(tile, std::true_type{});
-    else
-      f(tile, std::false_type{});
-  };
-  if (r <= 8)
-    with_drop(std::integral_constant<int, 8>{});
-  else
-    with_drop(std::integral_constant<int, 16>{});
-}
-
-unsigned rows_grid(int64_t N, int rows) { return static_cast<unsigned>((N + rows - 1) / rows); }
 
 }  // namespace
 
@@ -564,39 +342,6 @@ void lora_down_backward(float* dA, const bf16* du, const bf16* x, int64_t N, int
 void lora_dx_backward(bf16* dx, const bf16* du, const bf16* A, int64_t N, int64_t in, int64_t r,
                       double p, uint64_t seed, stream_t stream) {
   lora_dx_backward_group(LoraGroup{1, {A}, {seed}}, dx, &du, N, in, r, p, stream);
-}
-
-void lora_up_forward(bf16* y, const bf16* u, const bf16* B, int64_t N, int64_t out, int64_t r,
-                     float scale, stream_t stream) {
-  checked_mask(r, out, 0.0, 0, y, y, u);  // B is read in scalars where misaligned
-  if (N <= 0) return;
-  const dim3 grid(static_cast<unsigned>((out / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kUpRows));
-  dispatch(r, 0.0, [&](auto tile, auto) {
-    up_forward_kernel<decltype(tile)::value><<<grid, kUpThreads, 0, stream>>>(
-        dev(y), dev(u), dev(B), N, out, static_cast<int>(r), scale, aligned16(B));
-  });
-  FTUNE_CUDA_LAUNCH_CHECK();
-}
-
-bool lora_swiglu_supported(int64_t r, int64_t I, const void* gate, const void* up,
-                           const void* h, const void* ug, const void* uu) {
-  return r >= 1 && r <= 8 && I > 0 && I % 8 == 0 && aligned16(gate) && aligned16(up) &&
-         aligned16(h) && aligned16(ug) && aligned16(uu);
-}
-
-void lora_swiglu_forward(bf16* h, bf16* gate, bf16* up, const bf16* u_gate, const bf16* u_up,
-                         const bf16* B_gate, const bf16* B_up, int64_t N, int64_t I, int64_t r,
-                         float scale, stream_t stream, bool keep_gate_up) {
-  if (!lora_swiglu_supported(r, I, gate, up, h, u_gate, u_up))
-    throw CudaError("lora_swiglu_forward: r = " + std::to_string(r) + ", I = " +
-                    std::to_string(I) + " not supported (r <= 8, I % 8 == 0, 16-byte aligned)");
-  if (N <= 0) return;
-  const dim3 grid(static_cast<unsigned>((I / 8 + kUpThreads - 1) / kUpThreads), rows_grid(N, kSwiRows));
-  auto kern = keep_gate_up ? swiglu_up_kernel<true> : swiglu_up_kernel<false>;
-  kern<<<grid, kUpThreads, 0, stream>>>(dev(h), dev(gate), dev(up), dev(u_gate), dev(u_up),
-                                        dev(B_gate), dev(B_up), N, I, static_cast<int>(r), scale,
-                                        aligned16(B_gate) && aligned16(B_up));
-  FTUNE_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace ftune::cuda

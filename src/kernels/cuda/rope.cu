@@ -9,12 +9,6 @@ namespace ftune::cuda {
 namespace {
 using namespace detail;
 
-__device__ __forceinline__ void rotate(float a, float b, float c, float s, float& oa,
-                                       float& ob) {
-  oa = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-  ob = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
-}
-
 // kPair: each thread rotates pairs (i, i+half) and (i+1, i+1+half) with 4-byte accesses.
 template <bool kPair>
 __global__ void rope_kernel(__nv_bfloat16* x, const float* cos, const float* sin,
@@ -36,13 +30,13 @@ __global__ void rope_kernel(__nv_bfloat16* x, const float* cos, const float* sin
       const float2 c = *reinterpret_cast<const float2*>(cos + t);
       const float2 s = *reinterpret_cast<const float2*>(sin + t);
       float2 oa, ob;
-      rotate(a.x, b.x, c.x, sign * s.x, oa.x, ob.x);
-      rotate(a.y, b.y, c.y, sign * s.y, oa.y, ob.y);
+      rope_rotate(a.x, b.x, c.x, sign * s.x, oa.x, ob.x);
+      rope_rotate(a.y, b.y, c.y, sign * s.y, oa.y, ob.y);
       *reinterpret_cast<__nv_bfloat162*>(v) = __floats2bfloat162_rn(oa.x, oa.y);
       *reinterpret_cast<__nv_bfloat162*>(v + half) = __floats2bfloat162_rn(ob.x, ob.y);
     } else {
       float oa, ob;
-      rotate(ld(v), ld(v + half), cos[t], sign * sin[t], oa, ob);
+      rope_rotate(ld(v), ld(v + half), cos[t], sign * sin[t], oa, ob);
       st(v, oa);
       st(v + half, ob);
     }

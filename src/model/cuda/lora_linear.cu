@@ -70,6 +70,39 @@ void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* 
                    op.stream);
 }
 
+void linear_forward_residual(const LinearOp& op, const LoraCtx& lc, bf16* out, const bf16* resid,
+                             bf16* y, const bf16* x, bf16* u, bool u_ready) {
+  const int64_t r = op.slot ? lc.adapter->spec.rank : 0;
+  if (op.slot && lora_up_residual_supported(r, op.out, out, resid, y, u)) {
+    linear_forward_base(op, lc, y, x, u, u_ready);
+    ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
+    lora_up_residual_forward(out, resid, y, u, lc.params + op.slot->b_offset, op.N, op.out, r,
+                             lc.adapter->spec.scale(), op.stream);
+    return;
+  }
+  linear_forward(op, lc, y, x, u, u_ready);
+  ProfileScope ps(op.prof, Phase::elementwise, op.stream);
+  residual_add(out, resid, y, op.N * op.out, op.stream);
+}
+
+void linear_forward_rope(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u,
+                         bool u_ready, const RopeTables& rope) {
+  const int64_t r = op.slot ? lc.adapter->spec.rank : 0;
+  if (op.slot && rope.heads * rope.head_dim == op.out &&
+      lora_up_rope_supported(r, rope.head_dim, y, u, rope.cos, rope.sin)) {
+    linear_forward_base(op, lc, y, x, u, u_ready);
+    ProfileScope ps(op.prof, Phase::lora_fwd, op.stream);
+    lora_up_rope_forward(y, u, lc.params + op.slot->b_offset, rope.cos, rope.sin,
+                         rope.positions, op.N, rope.heads, rope.head_dim, r,
+                         lc.adapter->spec.scale(), op.stream);
+    return;
+  }
+  linear_forward(op, lc, y, x, u, u_ready);
+  ProfileScope ps(op.prof, Phase::rope, op.stream);
+  rope_forward(y, rope.cos, rope.sin, rope.positions, op.N, rope.heads, rope.head_dim,
+               op.stream);
+}
+
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,
                      const bf16* dy, const bf16* x, const bf16* u) {
   // Everything that reads x runs before the base product writes dx, so dx may alias x (the

@@ -49,6 +49,21 @@ void linear_forward(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* 
 // adds scale u B^T itself, fused into its next kernel (the MLP's gate/up into SwiGLU).
 void linear_forward_base(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x,
                          bf16* u, bool u_ready = false);
+// out = resid + linear_forward(x): the residual add after o and down, with the LoRA term
+// folded into the add where the fused kernel applies (same bits as the two steps). y:
+// scratch [N, out] for x W^T + b.
+void linear_forward_residual(const LinearOp& op, const LoraCtx& lc, bf16* out, const bf16* resid,
+                             bf16* y, const bf16* x, bf16* u, bool u_ready = false);
+// y = rope(linear_forward(x)) in place (q and k without q/k norm), the LoRA term folded into
+// RoPE's pass where the fused kernel applies (same bits as the two steps).
+struct RopeTables {
+  const float* cos;
+  const float* sin;
+  const int32_t* positions;  // [N]
+  int64_t heads, head_dim;
+};
+void linear_forward_rope(const LinearOp& op, const LoraCtx& lc, bf16* y, const bf16* x, bf16* u,
+                         bool u_ready, const RopeTables& rope);
 // dx (+)= dy W + the LoRA path's input gradient; dA, dB added into lc.grads. dx may alias x
 // when accumulate is false (x is read before dx is written).
 void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accumulate,

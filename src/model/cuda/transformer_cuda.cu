@@ -653,18 +653,27 @@ struct CudaTransformer::Impl {
 
     using cm::Phase;
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn1, A.rstd1, x, L.input_norm, N, H, eps, s); }
-    // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k.
-    lin_fwd(l, Proj::q, lc, c.qk_norm ? A.q_pre : A.q, A.xn1, recompute);
-    lin_fwd(l, Proj::k, lc, c.qk_norm ? A.k_pre : A.k, A.xn1, recompute);
-    lin_fwd(l, Proj::v, lc, A.v, A.xn1, recompute);
-    if (c.qk_norm) {
-      Scope ps(&prof, Phase::norm, s);
-      cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
-      cu::rms_norm_forward(A.k, A.rstd_k, A.k_pre, L.k_norm, N * Hkv, d, eps, s);
-    }
     const float* cs = rope_cos.as<float>();
     const float* sn = rope_sin.as<float>();
-    {
+    // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k; without,
+    // q and k's LoRA terms are added inside RoPE's pass (linear_forward_rope).
+    const int qi = static_cast<int>(Proj::q), ki = static_cast<int>(Proj::k);
+    if (c.qk_norm) {
+      lin_fwd(l, Proj::q, lc, A.q_pre, A.xn1, recompute);
+      lin_fwd(l, Proj::k, lc, A.k_pre, A.xn1, recompute);
+    } else {
+      cm::linear_forward_rope(op(l, Proj::q, lc), lc, A.q, A.xn1, A.u[qi], recompute,
+                              {cs, sn, b.positions, Hq, d});
+      cm::linear_forward_rope(op(l, Proj::k, lc), lc, A.k, A.xn1, A.u[ki], recompute,
+                              {cs, sn, b.positions, Hkv, d});
+    }
+    lin_fwd(l, Proj::v, lc, A.v, A.xn1, recompute);
+    if (c.qk_norm) {
+      {
+        Scope ps(&prof, Phase::norm, s);
+        cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
+        cu::rms_norm_forward(A.k, A.rstd_k, A.k_pre, L.k_norm, N * Hkv, d, eps, s);
+      }
       Scope ps(&prof, Phase::rope, s);
       cu::rope_forward(A.q, cs, sn, b.positions, N, Hq, d, s);
       cu::rope_forward(A.k, cs, sn, b.positions, N, Hkv, d, s);
@@ -677,17 +686,15 @@ struct CudaTransformer::Impl {
       else
         cu::naive_attention_forward(A.att, A.lse, A.q, A.k, A.v, b.seq_start, sh, s);
     }
-    if (!(recompute && dims.keep_mid)) {
-      lin_fwd(l, Proj::o, lc, b.tmp_h, A.att, recompute);
-      Scope ps(&prof, Phase::elementwise, s);
-      cu::residual_add(A.x_mid, x, b.tmp_h, N * H, s);
-    }
+    if (!(recompute && dims.keep_mid))  // x_mid = x + o(att)
+      cm::linear_forward_residual(op(l, Proj::o, lc), lc, A.x_mid, x, b.tmp_h, A.att,
+                                  A.u[static_cast<int>(Proj::o)], recompute);
 
     { Scope ps(&prof, Phase::norm, s); cu::rms_norm_forward(A.xn2, A.rstd2, A.x_mid, L.post_norm, N, H, eps, s); }
     mlp_gate_up(l, lc, A, recompute);
     if (recompute) return;  // down's u was kept from the forward
-    lin_fwd(l, Proj::down, lc, b.tmp_h, A.h, recompute);
-    { Scope ps(&prof, Phase::elementwise, s); cu::residual_add(b.resid[l + 1], A.x_mid, b.tmp_h, N * H, s); }
+    cm::linear_forward_residual(op(l, Proj::down, lc), lc, b.resid[l + 1], A.x_mid, b.tmp_h, A.h,
+                                A.u[static_cast<int>(Proj::down)], recompute);
   }
 
   // On entry b.dx = dLoss/d(layer output); on exit dLoss/d(layer input). The residual
