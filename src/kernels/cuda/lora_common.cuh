@@ -88,6 +88,18 @@ __device__ __forceinline__ void load_rank_row(float (&d)[R], const __nv_bfloat16
 // for kUpRows rows, kUpUnroll rows of y in flight; a warp covers 256 adjacent columns of one
 // row, so y moves in 512-byte runs and u[n, :] is a broadcast. y is read in bf16, the sum
 // added in fp32, rounded once.
+// acc[e] = sum over k (ascending) of d[k] a[k][e]: one row's rank-R product with a slice.
+template <int R, int W>
+__device__ __forceinline__ void rank_dot(float (&acc)[W], const float (&d)[R],
+                                         const float (&a)[R][W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int k = 0; k < R; ++k)
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] = fmaf(d[k], a[k][e], acc[e]);
+}
+
 // a[k][e] = B[c + e, k] for e < W, k < r, zeros for the padding ranks (B [cols, r]
 // row-major; vec: B's rows may be read in 16-byte loads).
 template <int R, int W = 8>

@@ -34,12 +34,9 @@ __global__ void __launch_bounds__(kUpThreads)
 #pragma unroll
     for (int j = 0; j < kUpUnroll; ++j) {
       if (n + j >= n1) break;
-      float d[R], acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float d[R], acc[8];
       load_rank_row<R>(d, u, n + j, r);
-#pragma unroll
-      for (int k = 0; k < R; ++k)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = fmaf(d[k], a[k][e], acc[e]);
+      rank_dot(acc, d, a);
       float v[8];
       to_floats<8>(yr[j], v);
 #pragma unroll
@@ -85,15 +82,10 @@ __global__ void __launch_bounds__(kUpThreads)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       if (n + j >= n1) break;
-      float d[R], acc1[4] = {0, 0, 0, 0}, acc2[4] = {0, 0, 0, 0};
+      float d[R], acc1[4], acc2[4];
       load_rank_row<R>(d, u, n + j, r);
-#pragma unroll
-      for (int k = 0; k < R; ++k)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc1[e] = fmaf(d[k], a1[k][e], acc1[e]);
-          acc2[e] = fmaf(d[k], a2[k][e], acc2[e]);
-        }
+      rank_dot(acc1, d, a1);
+      rank_dot(acc2, d, a2);
       float v1[4], v2[4], o1[4], o2[4];
       to_floats<4>(xr1[j], v1);
       to_floats<4>(xr2[j], v2);
@@ -144,21 +136,17 @@ __global__ void __launch_bounds__(kUpThreads)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       if (n + j >= n1) break;
-      float dg[R], du[R], g[8], u[8], hv[8];
+      float dg[R], du[R], g[8], u[8], hv[8], accg[8], accu[8];
       load_rank_row<R>(dg, ug, n + j, r);
       load_rank_row<R>(du, uu, n + j, r);
+      rank_dot(accg, dg, ag);
+      rank_dot(accu, du, au);
       to_floats<8>(gr[j], g);
       to_floats<8>(ur[j], u);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        float accg = 0.f, accu = 0.f;
-#pragma unroll
-        for (int k = 0; k < R; ++k) {
-          accg = fmaf(dg[k], ag[k][e], accg);
-          accu = fmaf(du[k], au[k][e], accu);
-        }
-        g[e] = __bfloat162float(__float2bfloat16_rn(fmaf(alpha, accg, g[e])));
-        u[e] = __bfloat162float(__float2bfloat16_rn(fmaf(alpha, accu, u[e])));
+        g[e] = __bfloat162float(__float2bfloat16_rn(fmaf(alpha, accg[e], g[e])));
+        u[e] = __bfloat162float(__float2bfloat16_rn(fmaf(alpha, accu[e], u[e])));
         hv[e] = g[e] / (1.f + expf(-g[e])) * u[e];
       }
       if constexpr (KEEP) {

@@ -657,18 +657,9 @@ struct CudaTransformer::Impl {
     const float* sn = rope_sin.as<float>();
     // With q/k norm the projections land in q_pre/k_pre and the norm writes q/k; without,
     // q and k's LoRA terms are added inside RoPE's pass (linear_forward_rope).
-    const int qi = static_cast<int>(Proj::q), ki = static_cast<int>(Proj::k);
     if (c.qk_norm) {
       lin_fwd(l, Proj::q, lc, A.q_pre, A.xn1, recompute);
       lin_fwd(l, Proj::k, lc, A.k_pre, A.xn1, recompute);
-    } else {
-      cm::linear_forward_rope(op(l, Proj::q, lc), lc, A.q, A.xn1, A.u[qi], recompute,
-                              {cs, sn, b.positions, Hq, d});
-      cm::linear_forward_rope(op(l, Proj::k, lc), lc, A.k, A.xn1, A.u[ki], recompute,
-                              {cs, sn, b.positions, Hkv, d});
-    }
-    lin_fwd(l, Proj::v, lc, A.v, A.xn1, recompute);
-    if (c.qk_norm) {
       {
         Scope ps(&prof, Phase::norm, s);
         cu::rms_norm_forward(A.q, A.rstd_q, A.q_pre, L.q_norm, N * Hq, d, eps, s);
@@ -677,7 +668,13 @@ struct CudaTransformer::Impl {
       Scope ps(&prof, Phase::rope, s);
       cu::rope_forward(A.q, cs, sn, b.positions, N, Hq, d, s);
       cu::rope_forward(A.k, cs, sn, b.positions, N, Hkv, d, s);
+    } else {
+      cm::linear_forward_rope(op(l, Proj::q, lc), lc, A.q, A.xn1,
+                              A.u[static_cast<int>(Proj::q)], recompute, {cs, sn, b.positions, Hq, d});
+      cm::linear_forward_rope(op(l, Proj::k, lc), lc, A.k, A.xn1,
+                              A.u[static_cast<int>(Proj::k)], recompute, {cs, sn, b.positions, Hkv, d});
     }
+    lin_fwd(l, Proj::v, lc, A.v, A.xn1, recompute);
     const cu::AttentionShape sh = attn_shape();
     if (!recompute) {
       Scope ps(&prof, Phase::attention_fwd, s);
