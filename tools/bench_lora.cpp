@@ -64,7 +64,9 @@ int main(int argc, char** argv) {
   cu::DeviceBuffer dA(r * widest * sizeof(float)), dB(widest * r * sizeof(float));
   dA.zero();
   dB.zero();
-  cu::DeviceBuffer ws(cu::lora_down_backward_workspace(N, widest, r) * sizeof(float));
+  cu::DeviceBuffer ws(std::max(cu::lora_down_backward_workspace(N, widest, r),
+                               cu::lora_up_backward_workspace(N, widest, r)) *
+                      sizeof(float));
   auto* xp = x.as<cu::bf16>();
   auto* yp = y.as<cu::bf16>();
   std::vector<Row> rows;
@@ -129,6 +131,11 @@ int main(int argc, char** argv) {
     add("gemm du=s dy B (NN)", out, r, 2.0 * N * out, 2.0 * N * out * r, [&] {
       gemm.matmul(cu::GemmOp::NN, du.as<cu::bf16>(), yp, B.as<cu::bf16>(), N, r, out, 2.f, 0.f, s);
     });
+    add("up_bwd dB+=s dy^T u, du=s dy B (one pass)", out, r, 2.0 * N * out, 4.0 * N * out * r,
+        [&] {
+          cu::lora_up_backward(dB.as<float>(), du.as<cu::bf16>(), yp, u.as<cu::bf16>(),
+                               B.as<cu::bf16>(), N, out, r, 2.f, ws.as<float>(), s);
+        });
   }
   add("dropout_apply (reference pass)", 4096, 4096, 4.0 * N * 4096, 0, [&] {
     cu::dropout_apply(yp, xp, N * 4096, 0.05, 7, false, s);

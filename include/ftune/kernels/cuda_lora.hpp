@@ -16,6 +16,8 @@
 //                        residual_add, y untouched): o and down, one pass instead of two
 //   lora_up_rope_forward: x = rope(x + scale u B^T) in place (as lora_up_forward then
 //                        rope_forward): q and k, one pass instead of two
+//   lora_up_backward:   dB[out, r] += scale dy^T u and du[N, r] = bf16(scale dy B): the up
+//                        product's backward, one tensor-core pass over dy instead of two GEMMs
 // CPU twin: cpu::dropout_apply then cpu::matmul_nt / matmul_tn / matmul_nn (tests compare).
 // p == 0 skips the mask's hash altogether.
 // Supported when lora_fused_supported(r, in); callers fall back to dropout_apply + GEMMs.
@@ -97,5 +99,16 @@ bool lora_swiglu_supported(int64_t r, int64_t I, const void* gate, const void* u
 void lora_swiglu_forward(bf16* h, bf16* gate, bf16* up, const bf16* u_gate, const bf16* u_up,
                          const bf16* B_gate, const bf16* B_up, int64_t N, int64_t I, int64_t r,
                          float scale, stream_t stream, bool keep_gate_up = true);
+
+// The backward of the up product y += scale u B^T: dB [out, r] fp32 += scale dy^T u and du
+// [N, r] = bf16(scale dy B), fp32 accumulation in a fixed order (two passes, as
+// lora_down_backward). dy [N, out]; u [N, r]; B [out, r] (any alignment). Supported when
+// lora_up_backward_supported (r <= 8, out % 8 == 0, dy 16-byte aligned, sm_80+); callers fall
+// back to the two GEMMs. workspace: lora_up_backward_workspace(N, out, r) floats.
+bool lora_up_backward_supported(int64_t r, int64_t out, const void* dy);
+int64_t lora_up_backward_workspace(int64_t N, int64_t out, int64_t r);
+void lora_up_backward(float* dB, bf16* du, const bf16* dy, const bf16* u, const bf16* B,
+                      int64_t N, int64_t out, int64_t r, float scale, float* workspace,
+                      stream_t stream);
 
 }  // namespace ftune::cuda

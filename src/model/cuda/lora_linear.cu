@@ -19,6 +19,25 @@ bool fused(const LinearOp& op, const LoraCtx& lc, const void* x_or_dx) {
 }
 
 // The unfused path's LoRA input: x itself, or dropout(x) written to op.xd.
+// dB += scale dy^T u ; du = scale dy B: one pass over dy where lora_up_backward applies and
+// the workspace holds its partials, else two GEMMs.
+void up_backward(const LinearOp& op, const LoraCtx& lc, const bf16* dy, const bf16* u, bf16* du) {
+  const LoraSlot& s = *op.slot;
+  const int64_t r = lc.adapter->spec.rank;
+  const float scale = lc.adapter->spec.scale();
+  ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
+  if (op.lora_ws && lora_up_backward_supported(r, op.out, dy) &&
+      lora_up_backward_workspace(op.N, op.out, r) <= op.lora_ws_floats) {
+    lora_up_backward(lc.grads + s.b_offset, du, dy, u, lc.params + s.b_offset, op.N, op.out, r,
+                     scale, op.lora_ws, op.stream);
+    return;
+  }
+  op.gemm.matmul(GemmOp::TN, lc.grads + s.b_offset, dy, u, op.out, r, op.N, scale, 1.f,
+                 op.stream);
+  op.gemm.matmul(GemmOp::NN, du, dy, lc.params + s.b_offset, op.N, r, op.out, scale, 0.f,
+                 op.stream);
+}
+
 const bf16* dropout_input(const LinearOp& op, const LoraCtx& lc, const bf16* x) {
   if (lc.dropout <= 0) return x;
   if (!op.xd) throw std::logic_error("lora_linear: unfused LoRA path without its dropout scratch");
@@ -115,15 +134,8 @@ void linear_backward(const LinearOp& op, const LoraCtx& lc, bf16* dx, bool accum
   if (!op.slot) return base_dx();
   const LoraSlot& s = *op.slot;
   const int64_t r = lc.adapter->spec.rank;
-  const float scale = lc.adapter->spec.scale();
   // dB += scale dy^T u ; du = scale dy B ; dA += du^T dropout(x) ; dx += dropout'(du A)
-  {
-    ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
-    op.gemm.matmul(GemmOp::TN, lc.grads + s.b_offset, dy, u, op.out, r, op.N, scale, 1.f,
-                   op.stream);
-    op.gemm.matmul(GemmOp::NN, op.du, dy, lc.params + s.b_offset, op.N, r, op.out, scale, 0.f,
-                   op.stream);
-  }
+  up_backward(op, lc, dy, u, op.du);
   if (fused(op, lc, x) && fused(op, lc, dx)) {
     {
       ProfileScope ps(op.prof, Phase::lora_bwd, op.stream);
@@ -188,24 +200,18 @@ void linear_backward_group(const LinearOp* ops, int count, const LoraCtx& lc, bf
     return;
   }
   const int64_t r = lc.adapter->spec.rank;
-  const float scale = lc.adapter->spec.scale();
   const LinearOp& op0 = ops[0];
   const LoraGroup g = group_of(ops, count, lc);
   // Per member, as linear_backward: dB += scale dy^T u ; du = scale dy B. Then, for the
   // group: dA_i += du_i^T dropout_i(x) in one pass over x; the base products into dx; the
   // LoRA input gradients added in one pass over dx.
   float* dA[kLoraGroupMax];
+  for (int i = 0; i < count; ++i) {
+    up_backward(ops[i], lc, dy[i], u[i], du[i]);
+    dA[i] = lc.grads + ops[i].slot->a_offset;
+  }
   {
     ProfileScope ps(op0.prof, Phase::lora_bwd, op0.stream);
-    for (int i = 0; i < count; ++i) {
-      const LinearOp& op = ops[i];
-      const LoraSlot& s = *op.slot;
-      op.gemm.matmul(GemmOp::TN, lc.grads + s.b_offset, dy[i], u[i], op.out, r, op.N, scale,
-                     1.f, op.stream);
-      op.gemm.matmul(GemmOp::NN, du[i], dy[i], lc.params + s.b_offset, op.N, r, op.out, scale,
-                     0.f, op.stream);
-      dA[i] = lc.grads + s.a_offset;
-    }
     lora_down_backward_group(g, dA, du, x, op0.N, op0.in, r, lc.dropout, 1.f, op0.lora_ws,
                              op0.stream);
   }

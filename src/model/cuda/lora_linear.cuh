@@ -35,7 +35,9 @@ struct LinearOp {
   bf16* xd;               // scratch [N, max(in)] for dropout(x) / the LoRA input gradient
   bf16* du;               // scratch [N, r]
   PhaseProfiler* prof = nullptr;
-  float* lora_ws = nullptr;  // lora_down_backward's workspace (null: unfused path only)
+  float* lora_ws = nullptr;  // lora_down_backward's / lora_up_backward's workspace
+                             // (null: the GEMM paths only)
+  int64_t lora_ws_floats = 0;
 };
 
 // u = dropout(x) A^T [N, r] only (op.slot must be set): what backward needs of a projection

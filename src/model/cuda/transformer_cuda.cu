@@ -574,7 +574,8 @@ struct CudaTransformer::Impl {
     const uint64_t seed = mix_seed(lc.seed, static_cast<uint64_t>(layer) * kNumProj + pi);
     return cm::LinearOp{gemm, stream.get(), dims.N, proj_in_features(c, p),
                         proj_out_features(c, p), weight(layer, p), w.layers[layer].b[pi],
-                        lc.adapter->slot(layer, p), seed, b.xd, b.du[0], &prof, b.lora_ws};
+                        lc.adapter->slot(layer, p), seed, b.xd, b.du[0], &prof, b.lora_ws,
+                        b.lora_ws_floats};
   }
   // u_ready: the projection's u is there already (kept from the forward for a recompute).
   void lin_fwd(int l, Proj p, const cm::LoraCtx& lc, bf16* y, const bf16* x, bool u_ready) {

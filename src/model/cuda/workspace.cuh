@@ -71,6 +71,7 @@ struct Buffers {
   std::array<bf16*, kLoraGroupMax> du;  // [N, r] each: a projection group's LoRA du
   bf16 *xf, *dxf, *xc, *logits, *dxc;  // loss head
   float* lora_ws;                      // fused LoRA backward partial sums
+  int64_t lora_ws_floats;              // its size
   float *rstd_f, *row_loss;
   int32_t *tokens, *positions, *rows, *row_targets;
   int64_t* seq_start;
@@ -126,8 +127,14 @@ inline void carve(Carver& cv, Buffers& b, const ModelConfig& c, const Dims& d, b
   b.xd = d.unfused_lora ? cv.take<bf16>(N * widest) : nullptr;
   for (auto& du : b.du) du = cv.take<bf16>(N * d.rank);
   // One projection of up to `widest` inputs, or the q/k/v group over H.
-  b.lora_ws = cv.take<float>(std::max(lora_down_backward_workspace(N, widest, d.rank),
-                                      lora_down_backward_workspace(N, H, d.rank, kLoraGroupMax)));
+  // The up products' backward (lora_up_backward) reuses it, one projection at a time.
+  b.lora_ws_floats = std::max({lora_down_backward_workspace(N, widest, d.rank),
+                               lora_down_backward_workspace(N, H, d.rank, kLoraGroupMax),
+                               lora_up_backward_workspace(N, qd, d.rank),
+                               lora_up_backward_workspace(N, kvd, d.rank),
+                               lora_up_backward_workspace(N, H, d.rank),
+                               lora_up_backward_workspace(N, I, d.rank)});
+  b.lora_ws = cv.take<float>(b.lora_ws_floats);
   b.xf = cv.take<bf16>(N * H);
   b.dxf = cv.take<bf16>(N * H);
   b.xc = cv.take<bf16>(d.chunk * H);
