@@ -151,6 +151,13 @@ int main(int argc, char** argv) {
 
   std::printf("%s, N = %lld tokens, r = %lld\n", cu::device_description(0).c_str(),
               static_cast<long long>(N), static_cast<long long>(r));
+  // The row groups lora_up_backward launches (its workspace is (col_blocks N + groups out) 8).
+  for (int64_t out : {int64_t(1024), int64_t(4096), int64_t(14336)}) {
+    const int64_t cb = (out + 511) / 512;
+    std::printf("up_bwd grid at out %lld: %lld column blocks x %lld row groups\n",
+                static_cast<long long>(out), static_cast<long long>(cb),
+                static_cast<long long>((cu::lora_up_backward_workspace(N, out, r) / 8 - cb * N) / out));
+  }
   std::printf("%-38s %12s %9s %8s %8s\n", "product", "in->out", "ms", "GB/s", "TFLOP/s");
   std::ofstream js(out_path);
   js << "{\"device\": \"" << cu::device_description(0) << "\", \"N\": " << N << ", \"r\": " << r

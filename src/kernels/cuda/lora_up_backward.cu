@@ -174,10 +174,10 @@ __global__ void up_backward_reduce(float* dB, bf* du, const float* du_part, cons
   }
 }
 
-// What the launch needs of the current device, read once per device.
+// What the launch needs of the current device, read once per device: its SMs, and how many
+// blocks of the partial kernel one SM holds (two, with the whole carveout as shared memory).
 struct DeviceInfo {
-  int sms = 0, major = 0;
-  bool smem_configured = false;
+  int sms = 0, major = 0, blocks_per_sm = 0;
 };
 DeviceInfo& device_info() {
   static DeviceInfo info[64];
@@ -190,20 +190,37 @@ DeviceInfo& device_info() {
   }
   return d;
 }
+// Over 48 KiB of dynamic shared memory is opt-in (per device); the launch configuration
+// then asks how many blocks fit.
+int blocks_per_sm() {
+  DeviceInfo& d = device_info();
+  if (d.blocks_per_sm == 0) {
+    FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kSmemBytes)));
+    FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
+                                          cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+    FTUNE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &d.blocks_per_sm, up_backward_partial, kThreads, kSmemBytes));
+    if (d.blocks_per_sm < 1) d.blocks_per_sm = 1;
+  }
+  return d.blocks_per_sm;
+}
 
 struct Grid {
   int col_blocks, row_groups, group_rows;
 };
 
-// Column blocks cover out; row groups fill about two blocks per SM (the kernel's occupancy),
-// each at least kMinGroupRows rows so the dB partials stay small next to dy.
+// Column blocks cover out; row groups make one full wave of resident blocks (a second,
+// partial wave would double the time), each at least kMinGroupRows rows so the dB partials
+// stay small next to dy.
 Grid grid_for_shape(int64_t N, int64_t out) {
-  const int64_t sms = device_info().sms;
+  const int64_t slots = int64_t(device_info().sms) * blocks_per_sm();
   Grid gr;
   gr.col_blocks = static_cast<int>((out + kCols - 1) / kCols);
-  const int64_t want = (2 * sms + gr.col_blocks - 1) / gr.col_blocks;
   const int64_t most = std::max<int64_t>(1, N / kMinGroupRows);
-  const int64_t groups = std::clamp<int64_t>(want, 1, most);
+  const int64_t groups = std::clamp<int64_t>(slots / gr.col_blocks, 1, most);
   const int64_t rows = (N + groups - 1) / groups;
   gr.group_rows = static_cast<int>((rows + kStageRows - 1) / kStageRows * kStageRows);
   gr.row_groups = static_cast<int>(std::max<int64_t>(1, (N + gr.group_rows - 1) / gr.group_rows));
@@ -231,13 +248,6 @@ void lora_up_backward(float* dB, bf16* du, const bf16* dy, const bf16* u, const 
     throw CudaError("lora_up_backward: r = " + std::to_string(r) + ", out = " +
                     std::to_string(out) + " not supported (r <= 8, out % 8 == 0, dy 16-byte aligned, compute capability 8.0+)");
   if (N <= 0) return;
-  DeviceInfo& info = device_info();
-  if (!info.smem_configured) {  // over 48 KiB of dynamic shared memory is opt-in, per device
-    FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kSmemBytes)));
-    info.smem_configured = true;
-  }
   const Grid gr = grid_for_shape(N, out);
   Args a{dev(dy), dev(u), dev(B), workspace, workspace + int64_t(gr.col_blocks) * N * kRank,
          N, out, static_cast<int>(r), gr.group_rows};
