@@ -13,6 +13,10 @@
 // partial. A second kernel adds the partials in a fixed order (the sums never depend on
 // scheduling) and applies scale: du rounded to bf16 once, dB += in fp32, as cuBLASLt's
 // alpha / beta epilogue does.
+// Measured on an H200 (N = 8192, out = 14336): 0.098 ms against 0.067 + 0.071 for the two
+// GEMMs; of that the streaming alone (no mma) is about 0.071, the reduce kernel 0.007. Three
+// stages at two blocks per SM beat four or six stages at one block per SM (0.150): the other
+// block's loads are what hide a block's compute and barriers.
 #include <algorithm>
 #include <string>
 
