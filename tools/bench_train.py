@@ -16,6 +16,9 @@ DIR/bench_train.md, everything (runs, commands, log tails, GPU, versions) to DIR
 Logs: DIR/logs/. ftune: mean tokens_per_s of the metrics.jsonl steps after the warm-up ones,
 max peak_gpu_mem_gib. HF: tools/bench_train_hf.py in its own process, peak =
 torch.cuda.max_memory_allocated; compiled gets --compile_warmup more warm-up steps.
+Power: nvidia-smi sampled every 250 ms during each case; the table gives the median board
+power and SM clock over the busy samples (utilization >= 90%), and tokens per joule, because
+at batch 4 the card runs at its power limit and trades clock for power.
 """
 import argparse, datetime, functools, glob, json, os, random, shlex, shutil, subprocess, sys, tempfile, time
 
@@ -75,6 +78,49 @@ def out(cmd, env=None):
 @functools.lru_cache(None)
 def has_dtype_option(ftune):  # init-model --dtype/--fast_init are recent
     return "--dtype" in out([ftune, "init-model", "--help"])
+
+
+class PowerSampler:
+    """nvidia-smi power.draw / clocks.sm / utilization.gpu every 250 ms while a case runs."""
+    QUERY = "power.draw,power.limit,clocks.sm,utilization.gpu"
+
+    def __init__(self, gpu, env):
+        self.gpu, self.env, self.proc, self.path = gpu, env, None, None
+
+    def __enter__(self):
+        fd, self.path = tempfile.mkstemp(suffix=".csv")
+        os.close(fd)
+        cmd = ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", "250"]
+        if self.gpu is not None:
+            cmd += ["-i", str(self.gpu)]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=open(self.path, "w"), stderr=subprocess.DEVNULL, env=self.env)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+        self.summary = summarize_power(open(self.path).read().splitlines()) if self.proc else None
+        os.unlink(self.path)
+
+def summarize_power(lines):
+    """Median power (W) and SM clock (MHz) over samples with the GPU >= 90% busy; None if none."""
+    busy = []
+    for l in lines:
+        try:
+            w, limit, mhz, util = (float(x) for x in l.split(",")[:4])
+        except ValueError:
+            continue
+        if util >= 90:
+            busy.append((w, mhz, limit))
+    if not busy:
+        return None
+    med = lambda v: sorted(v)[len(v) // 2]
+    return {"median_w": med([b[0] for b in busy]), "median_sm_mhz": med([b[1] for b in busy]),
+            "limit_w": busy[0][2], "busy_samples": len(busy)}
 
 
 def ftune_paths(work, shape, batch, ckpt):  # model, data, output dir
@@ -192,9 +238,10 @@ def cmd_run(a):
     try:
         for n, (shape, batch, ckpt, impl) in enumerate(cases):
             t0 = time.time()
-            r = (run_ftune(a, shape, batch, ckpt, work, env, logs) if impl == "ftune"
-                 else run_hf(a, shape, batch, ckpt, impl == "hf_compiled", env, logs))
-            r = dict(impl=impl, shape=shape, batch=batch, checkpointing=ckpt, seq=a.seq, steps=a.steps,
+            with PowerSampler(a.gpu, env) as power:
+                r = (run_ftune(a, shape, batch, ckpt, work, env, logs) if impl == "ftune"
+                     else run_hf(a, shape, batch, ckpt, impl == "hf_compiled", env, logs))
+            r = dict(impl=impl, power=power.summary, shape=shape, batch=batch, checkpointing=ckpt, seq=a.seq, steps=a.steps,
                      warmup=a.warmup, gpu=gpu[0].split(",")[0].strip(), gpu_info=gpu[0], versions=versions,
                      date=datetime.datetime.now().isoformat(timespec="seconds"),
                      wall_s=round(time.time() - t0, 1), **r)
@@ -233,8 +280,8 @@ def cmd_report(a):
     gpus = sorted({r["gpu"] for r in rows})
     lines = [f"GPU: {', '.join(gpus)}; {min(r['date'] for r in rows)[:10]}; seq {rows[0]['seq']}; "
              f"MFU = tokens/s x model FLOPs per token / {a.peak_tflops:g} TFLOP/s", "",
-             "| shape | batch | checkpointing | impl | tokens/s | peak GiB | MFU % | ftune / HF eager | ftune / HF compiled |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+             "| shape | batch | checkpointing | impl | tokens/s | peak GiB | MFU % | ftune / HF eager | ftune / HF compiled | W | SM MHz | tokens/J |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (list(fpt).index(r["shape"]), r["batch"], r["checkpointing"] == "off",
                                          IMPLS.index(r["impl"]))):
         ratios = ["", ""]
@@ -245,7 +292,10 @@ def cmd_report(a):
                 ratios[j] = f"{r['tokens_per_s'] / o:.2f}x" if o else ""
         val = (f"{r['tokens_per_s']:,.0f} | {fmt(r['peak_gib'], '.1f')} | {100 * r['mfu']:.1f}"
                if r.get("tokens_per_s") else f"{r['error']} | | ")
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['checkpointing']} | {r['impl']} | {val} | {' | '.join(ratios)} |")
+        pw = r.get("power") or {}
+        power = (f"{pw['median_w']:.0f} | {pw['median_sm_mhz']:.0f} | {r['tokens_per_s'] / pw['median_w']:.1f}"
+                 if pw and r.get("tokens_per_s") else " | | ")
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['checkpointing']} | {r['impl']} | {val} | {' | '.join(ratios)} | {power} |")
     lines += ["", "Model FLOPs per token: " + ", ".join(f"{s} {v / 1e9:.2f} G ({v:,})" for s, v in fpt.items()),
               "", FORMULA + "."]
     text = "\n".join(lines)
