@@ -18,6 +18,7 @@
 // stages at two blocks per SM beat four or six stages at one block per SM (0.150): the other
 // block's loads are what hide a block's compute and barriers.
 #include <algorithm>
+#include <mutex>
 #include <string>
 
 #include "common.cuh"
@@ -178,38 +179,39 @@ __global__ void up_backward_reduce(float* dB, bf* du, const float* du_part, cons
   }
 }
 
-// What the launch needs of the current device, read once per device: its SMs, and how many
-// blocks of the partial kernel one SM holds (two, with the whole carveout as shared memory).
+// What the launch needs of the current device, read once per device (under a lock: ranks
+// may drive the GPU from more than one host thread): its SMs, its compute capability, and
+// how many blocks of the partial kernel one SM holds (two, with the whole carveout as shared
+// memory; over 48 KiB of dynamic shared memory is opt-in, per device).
 struct DeviceInfo {
   int sms = 0, major = 0, blocks_per_sm = 0;
 };
-DeviceInfo& device_info() {
+DeviceInfo device_info() {
+  static std::mutex mu;
   static DeviceInfo info[64];
   int dev = 0;
   FTUNE_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
   DeviceInfo& d = info[dev % 64];
   if (d.sms == 0) {
-    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+    int sms = 0, major = 0, blocks = 1;
+    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (major >= 8) {
+      FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kSmemBytes)));
+      FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
+                                            cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            cudaSharedmemCarveoutMaxShared));
+      FTUNE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &blocks, up_backward_partial, kThreads, kSmemBytes));
+    }
+    d.major = major;
+    d.blocks_per_sm = blocks < 1 ? 1 : blocks;
+    d.sms = sms;
   }
   return d;
-}
-// Over 48 KiB of dynamic shared memory is opt-in (per device); the launch configuration
-// then asks how many blocks fit.
-int blocks_per_sm() {
-  DeviceInfo& d = device_info();
-  if (d.blocks_per_sm == 0) {
-    FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kSmemBytes)));
-    FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
-                                          cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
-    FTUNE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &d.blocks_per_sm, up_backward_partial, kThreads, kSmemBytes));
-    if (d.blocks_per_sm < 1) d.blocks_per_sm = 1;
-  }
-  return d.blocks_per_sm;
 }
 
 struct Grid {
@@ -220,7 +222,8 @@ struct Grid {
 // partial wave would double the time), each at least kMinGroupRows rows so the dB partials
 // stay small next to dy.
 Grid grid_for_shape(int64_t N, int64_t out) {
-  const int64_t slots = int64_t(device_info().sms) * blocks_per_sm();
+  const DeviceInfo d = device_info();
+  const int64_t slots = int64_t(d.sms) * d.blocks_per_sm;
   Grid gr;
   gr.col_blocks = static_cast<int>((out + kCols - 1) / kCols);
   const int64_t most = std::max<int64_t>(1, N / kMinGroupRows);
