@@ -172,7 +172,9 @@ std::string tag_of(const Case& c, const char* path, int var) {
 }
 
 const std::vector<int64_t> kRagged = {1, 17, 0, 64, 130, 257};  // with an empty sequence
-constexpr int kVariants = 5;  // forward tile configurations (backward has 4; 4 = its default)
+// Forward tile configurations 0-4 (mma.sync) and 5, 6 (the sm_90a wgmma kernels, which fall
+// back to the default elsewhere); backward has 0-3 and 5, 6 (4 runs its default).
+constexpr int kVariants = 7;
 
 // Every case under every tile variant (FTUNE_FA_FWD/BWD), so any of them can be the default.
 void check_flash_cases(const std::vector<Case>& cases, unsigned seed) {

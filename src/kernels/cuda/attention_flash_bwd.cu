@@ -13,6 +13,7 @@
 //      fp32 summation order, hence its last bits, varies from run to run.
 //   3. dQ fp32 -> bf16.
 #include "attention_flash.cuh"
+#include "attention_flash_sm90.cuh"
 
 namespace ftune::cuda {
 namespace fa {
@@ -294,7 +295,11 @@ void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, co
   // (unset, or unknown) is the default, the fastest measured on an H200
   // (tools/results/attention_bench.md).
   const int var = fa::variant_from_env("FTUNE_FA_BWD");
-  if (s.d == 64) {
+  // 5, 6: the Hopper wgmma kernel (attention_flash_bwd_sm90.cu), as in the forward.
+  if (fa::sm90_available() && (var == 5 || var == 6 || (var == 0 && fa::kSm90Default))) {
+    fa::flash_backward_sm90(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s, var,
+                            stream);
+  } else if (s.d == 64) {
     if (var == 1) fa::launch<64, 4, 64>(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s, stream);
     else if (var == 3) fa::launch<64, 8, 128>(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s, stream);
     else if (var == 2) fa::launch<64, 8, 32>(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s, stream);

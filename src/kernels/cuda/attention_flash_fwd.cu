@@ -5,6 +5,7 @@
 // first one or two tiles need the causal mask), with K/V double-buffered in shared memory
 // by cp.async so the next tile's loads overlap this tile's math.
 #include "attention_flash.cuh"
+#include "attention_flash_sm90.cuh"
 
 namespace ftune::cuda {
 namespace fa {
@@ -239,6 +240,12 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k
   // Variants (FTUNE_FA_FWD): <d, 16-row m-tiles per warp, warps, key-tile width>; 0 (unset)
   // is the default, the fastest measured on an H200 (tools/results/attention_bench.md).
   const int var = fa::variant_from_env("FTUNE_FA_FWD");
+  // 5, 6: the Hopper wgmma kernel with 128- / 64-key tiles (default on sm_90a when
+  // fa::kSm90Default); elsewhere they fall back to the mma.sync default.
+  if (fa::sm90_available() && (var == 5 || var == 6 || (var == 0 && fa::kSm90Default))) {
+    fa::flash_forward_sm90(o, lse, dq, dk, dv, seq_start, s, var == 6 ? 1 : 0, stream);
+    return;
+  }
   if (s.d == 64) {
     if (var == 1) fa::launch<64, 1, 4, 64>(o, lse, dq, dk, dv, seq_start, s, stream);
     else if (var == 2) fa::launch<64, 2, 4, 128>(o, lse, dq, dk, dv, seq_start, s, stream);
