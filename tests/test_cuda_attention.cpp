@@ -172,9 +172,10 @@ std::string tag_of(const Case& c, const char* path, int var) {
 }
 
 const std::vector<int64_t> kRagged = {1, 17, 0, 64, 130, 257};  // with an empty sequence
-// Forward tile configurations 0-4 (mma.sync) and 5, 6 (the sm_90a wgmma kernels, which fall
-// back to the default elsewhere); backward has 0-3 and 5, 6 (4 runs its default).
-constexpr int kVariants = 7;
+// Tile configurations: forward 1-4 and 8 mma.sync, 5-7 the sm_90a wgmma kernel; backward
+// 1-3 and 8 mma.sync, 5-7 wgmma (4 is its default); 0 = the default (wgmma on sm_90a).
+// Without sm_90a the wgmma numbers fall back to the mma.sync default.
+constexpr int kVariants = 9;
 
 // Every case under every tile variant (FTUNE_FA_FWD/BWD), so any of them can be the default.
 void check_flash_cases(const std::vector<Case>& cases, unsigned seed) {

@@ -291,14 +291,15 @@ void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, co
   auto* gv = detail::dev(dv);
   const auto *go = detail::dev(dout), *gq = detail::dev(q), *gk_in = detail::dev(k),
              *gv_in = detail::dev(v);
-  // Variants (FTUNE_FA_BWD): <d, warps (keys per block = 16 x warps), query-tile rows>; 0
-  // (unset, or unknown) is the default, the fastest measured on an H200
-  // (tools/results/attention_bench.md).
+  // Variants (FTUNE_FA_BWD) of the mma.sync kernel: <d, warps (keys per block = 16 x
+  // warps), query-tile rows>; the default (0 without sm_90a, 4 or 8 anywhere) is the fastest
+  // of them measured on an H200 (tools/results/attention_bench.md).
   const int var = fa::variant_from_env("FTUNE_FA_BWD");
-  // 5, 6: the Hopper wgmma kernel (attention_flash_bwd_sm90.cu), as in the forward.
-  if (fa::sm90_available() && (var == 5 || var == 6 || (var == 0 && fa::kSm90Default))) {
-    fa::flash_backward_sm90(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s, var,
-                            stream);
+  // On sm_90a the default is the Hopper wgmma kernel (attention_flash_bwd_sm90.cu); 5 picks
+  // its 64-query tiles at d = 64 (6, 7 = its default); 8 is the mma.sync default there too.
+  if (fa::sm90_available() && (var == 0 || var == 5 || var == 6 || var == 7)) {
+    fa::flash_backward_sm90(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s,
+                            var == 5 ? 1 : 0, stream);
   } else if (s.d == 64) {
     if (var == 1) fa::launch<64, 4, 64>(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s, stream);
     else if (var == 3) fa::launch<64, 8, 128>(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s, stream);

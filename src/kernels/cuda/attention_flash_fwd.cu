@@ -237,13 +237,15 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k
   if (s.num_tokens == 0 || s.num_seqs == 0 || s.max_seqlen == 0) return;
   auto* o = detail::dev(out);
   const auto *dq = detail::dev(q), *dk = detail::dev(k), *dv = detail::dev(v);
-  // Variants (FTUNE_FA_FWD): <d, 16-row m-tiles per warp, warps, key-tile width>; 0 (unset)
-  // is the default, the fastest measured on an H200 (tools/results/attention_bench.md).
+  // Variants (FTUNE_FA_FWD) of the mma.sync kernel: <d, 16-row m-tiles per warp, warps,
+  // key-tile width>; the default (0 without sm_90a, 8 anywhere) is the fastest of them
+  // measured on an H200 (tools/results/attention_bench.md).
   const int var = fa::variant_from_env("FTUNE_FA_FWD");
-  // 5, 6: the Hopper wgmma kernel with 128- / 64-key tiles (default on sm_90a when
-  // fa::kSm90Default); elsewhere they fall back to the mma.sync default.
-  if (fa::sm90_available() && (var == 5 || var == 6 || (var == 0 && fa::kSm90Default))) {
-    fa::flash_forward_sm90(o, lse, dq, dk, dv, seq_start, s, var == 6 ? 1 : 0, stream);
+  // On sm_90a the default is the Hopper wgmma kernel; 5, 6, 7 pick its 128-key, 64-key and
+  // 64-key-at-two-blocks-per-SM tiles (7 = its default; elsewhere they fall back to the
+  // mma.sync default); 8 is the mma.sync default there too.
+  if (fa::sm90_available() && (var == 0 || (var >= 5 && var <= 7))) {
+    fa::flash_forward_sm90(o, lse, dq, dk, dv, seq_start, s, var == 0 ? 0 : var - 4, stream);
     return;
   }
   if (s.d == 64) {

@@ -1,7 +1,8 @@
 #pragma once
 // The Hopper (sm_90a, wgmma) flash attention kernels, behind the launchers of
 // attention_flash_fwd.cu / attention_flash_bwd.cu, which pick them on a device that can run
-// them (sm90_available) unless the tuning hook asks for an mma.sync variant.
+// them (sm90_available) unless the tuning hook asks for an mma.sync variant (1-4, 8).
+// variant: 0 = default tiles; the launchers' comments list the others.
 #include <cuda_runtime.h>
 
 #include "common.cuh"
@@ -14,8 +15,6 @@ using bf = __nv_bfloat16;
 // True when this build carries sm_90a code (CMake: FTUNE_CUDA_SM90A) and the current device
 // is compute capability 9.0.
 bool sm90_available();
-// Whether variant 0 (the default) is the wgmma kernel on such a device.
-constexpr bool kSm90Default = false;
 
 void flash_forward_sm90(bf* out, float* lse, const bf* q, const bf* k, const bf* v,
                         const int64_t* seq_start, const AttentionShape& s, int variant,

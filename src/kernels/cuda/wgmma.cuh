@@ -79,9 +79,11 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[N][4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
-// Barrier over the 128 threads of one warpgroup (ids 1.. ; 0 is __syncthreads).
+// Barrier over the 128 threads of warpgroup 0 or 1 (ids 1, 2; 0 is __syncthreads). The ids
+// are immediates: a register id makes ptxas reserve all 16 barriers, one block per SM.
 __device__ __forceinline__ void group_sync(int group) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(group + 1) : "memory");
+  if (group == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
 
 // Byte offset of element (r, c) in a swizzled tile of R rows (see the header).
