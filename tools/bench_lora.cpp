@@ -5,6 +5,7 @@
 // by the first argument (default bench_lora.json).
 //   build/bench_lora [OUT.json] [N]
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -135,6 +136,36 @@ int main(int argc, char** argv) {
         [&] {
           cu::lora_up_backward(dB.as<float>(), du.as<cu::bf16>(), yp, u.as<cu::bf16>(),
                                B.as<cu::bf16>(), N, out, r, 2.f, ws.as<float>(), s);
+        });
+  }
+  // The forward passes the up products are folded into (8B shapes: I = 14336, q = 32 heads
+  // of 128), and plain swiglu_forward for the SwiGLU pass's floor.
+  {
+    const int64_t I = widest, heads = 32, hd = 128, half = hd / 2;
+    cu::DeviceBuffer h = random_bf16(N * I, g, 1.f);
+    std::vector<float> cs(2048 * half), sn(2048 * half);
+    for (int64_t i = 0; i < 2048 * half; ++i) cs[i] = std::cos(0.001f * i), sn[i] = std::sin(0.001f * i);
+    std::vector<int32_t> pos(N);
+    for (int64_t n = 0; n < N; ++n) pos[n] = static_cast<int32_t>(n % 2048);
+    cu::DeviceBuffer dcos = cu::to_device(cs), dsin = cu::to_device(sn), dpos = cu::to_device(pos);
+    auto* hp = h.as<cu::bf16>();
+    for (bool keep : {true, false})
+      add(std::string("swiglu_up h=silu(g+sBu) (u+sBu)") + (keep ? " keep g,u" : ""), r, I,
+          (keep ? 10.0 : 6.0) * N * I, 4.0 * N * I * r, [&] {
+            cu::lora_swiglu_forward(hp, xp, yp, u.as<cu::bf16>(), du.as<cu::bf16>(),
+                                    B.as<cu::bf16>(), A.as<cu::bf16>(), N, I, r, 0.01f, s, keep);
+          });
+    add("swiglu_forward h=silu(g) u (no LoRA)", I, I, 6.0 * N * I, 0, [&] {
+      cu::swiglu_forward(hp, xp, yp, N * I, s);
+    });
+    add("up_residual out=res+(y+sBu)", r, 4096, 6.0 * N * 4096, 2.0 * N * 4096 * r, [&] {
+      cu::lora_up_residual_forward(hp, xp, yp, u.as<cu::bf16>(), B.as<cu::bf16>(), N, 4096, r,
+                                   0.01f, s);
+    });
+    add("up_rope x=rope(x+sBu) (32x128)", r, heads * hd, 4.0 * N * heads * hd,
+        2.0 * N * heads * hd * r, [&] {
+          cu::lora_up_rope_forward(yp, u.as<cu::bf16>(), B.as<cu::bf16>(), dcos.as<float>(),
+                                   dsin.as<float>(), dpos.as<int32_t>(), N, heads, hd, r, 0.01f, s);
         });
   }
   add("dropout_apply (reference pass)", 4096, 4096, 4.0 * N * 4096, 0, [&] {
