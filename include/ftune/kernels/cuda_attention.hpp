@@ -19,7 +19,9 @@ struct AttentionShape {
 };
 
 // Flash attention (online softmax, bf16 tensor-core MMA, fp32 accumulation), head_dim 64
-// or 128; never materialises the score matrix.
+// or 128; never materialises the score matrix. Hopper warpgroup-MMA kernels on compute
+// capability 9.0 when the build carries sm_90a code, mma.sync ones elsewhere (sm_80+);
+// FTUNE_FA_FWD / FTUNE_FA_BWD pick a tile variant (src/kernels/cuda/attention_flash_*.cu).
 void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                              const int64_t* seq_start, const AttentionShape& s, stream_t stream);
 // Bytes of device workspace flash_attention_backward needs (e.g. fp32 dq accumulators, D).
