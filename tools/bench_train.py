@@ -85,17 +85,16 @@ class PowerSampler:
     QUERY = "power.draw,power.limit,clocks.sm,utilization.gpu"
 
     def __init__(self, gpu, env):
-        self.gpu, self.env, self.proc, self.path = gpu, env, None, None
+        self.gpu, self.env, self.proc, self.summary = gpu, env, None, None
 
     def __enter__(self):
-        fd, self.path = tempfile.mkstemp(suffix=".csv")
-        os.close(fd)
+        self.file = tempfile.TemporaryFile(mode="w+")
         cmd = ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", "250"]
         if self.gpu is not None:
             cmd += ["-i", str(self.gpu)]
         try:
-            self.proc = subprocess.Popen(cmd, stdout=open(self.path, "w"), stderr=subprocess.DEVNULL, env=self.env)
-        except OSError:
+            self.proc = subprocess.Popen(cmd, stdout=self.file, stderr=subprocess.DEVNULL, env=self.env)
+        except OSError:  # no nvidia-smi: the case runs, its power columns stay empty
             self.proc = None
         return self
 
@@ -103,8 +102,10 @@ class PowerSampler:
         if self.proc:
             self.proc.terminate()
             self.proc.wait()
-        self.summary = summarize_power(open(self.path).read().splitlines()) if self.proc else None
-        os.unlink(self.path)
+            self.file.seek(0)
+            self.summary = summarize_power(self.file.read().splitlines())
+        self.file.close()
+
 
 def summarize_power(lines):
     """Median power (W) and SM clock (MHz) over samples with the GPU >= 90% busy; None if none."""
