@@ -172,10 +172,11 @@ std::string tag_of(const Case& c, const char* path, int var) {
 }
 
 const std::vector<int64_t> kRagged = {1, 17, 0, 64, 130, 257};  // with an empty sequence
-// Tile configurations: forward 1-4 and 8 mma.sync, 5-7 the sm_90a wgmma kernel; backward
-// 1-3 and 8 mma.sync, 5-7 wgmma (4 is its default); 0 = the default (wgmma on sm_90a).
-// Without sm_90a the wgmma numbers fall back to the mma.sync default.
-constexpr int kVariants = 9;
+// Tile configurations: forward 1-4 and 8 mma.sync, 5-7 and 9-10 the sm_90a wgmma kernels;
+// backward 1-3 and 8 mma.sync, 5-7 and 9-10 wgmma (4 is its default);
+// 0 = the default (wgmma on sm_90a). Without sm_90a the wgmma numbers fall back to the
+// mma.sync default.
+constexpr int kVariants = 11;
 
 // Every case under every tile variant (FTUNE_FA_FWD/BWD), so any of them can be the default.
 void check_flash_cases(const std::vector<Case>& cases, unsigned seed) {

@@ -54,10 +54,7 @@ inline void check_flash_args(const AttentionShape& s, const void* const* ptrs, i
   for (int i = 0; i < n; ++i)
     if (!detail::aligned16(ptrs[i]))
       throw std::invalid_argument("flash attention: tensors must be 16-byte aligned");
-  int dev = 0, major = 0;
-  FTUNE_CUDA_CHECK(cudaGetDevice(&dev));
-  FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  if (major < 8)
+  if (detail::device_facts().major < 8)
     throw std::invalid_argument("flash attention: needs compute capability 8.0+ (bf16 mma)");
 }
 

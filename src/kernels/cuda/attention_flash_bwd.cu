@@ -296,8 +296,9 @@ void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, co
   // of them measured on an H200 (tools/results/attention_bench.md).
   const int var = fa::variant_from_env("FTUNE_FA_BWD");
   // On sm_90a the default is the Hopper wgmma kernel (attention_flash_bwd_sm90.cu); 5 picks
-  // its 64-query tiles at d = 64 (6, 7 = its default); 8 is the mma.sync default there too.
-  if (fa::sm90_available() && (var == 0 || var == 5 || var == 6 || var == 7)) {
+  // its 64-query tiles at d = 64 (6, 7, 9, 10 = its default); 8 is the mma.sync default
+  // there too.
+  if (fa::sm90_available() && (var == 0 || (var >= 5 && var != 8))) {
     fa::flash_backward_sm90(dq_acc, gk, gv, go, gq, gk_in, gv_in, lse, Dv, seq_start, s,
                             var == 5 ? 1 : 0, stream);
   } else if (s.d == 64) {

@@ -241,10 +241,11 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k
   // key-tile width>; the default (0 without sm_90a, 8 anywhere) is the fastest of them
   // measured on an H200 (tools/results/attention_bench.md).
   const int var = fa::variant_from_env("FTUNE_FA_FWD");
-  // On sm_90a the default is the Hopper wgmma kernel; 5, 6, 7 pick its 128-key, 64-key and
-  // 64-key-at-two-blocks-per-SM tiles (7 = its default; elsewhere they fall back to the
-  // mma.sync default); 8 is the mma.sync default there too.
-  if (fa::sm90_available() && (var == 0 || (var >= 5 && var <= 7))) {
+  // On sm_90a the default is the Hopper wgmma kernels; 5, 6, 7 pick the 128-key, 64-key and
+  // 64-key-at-two-blocks-per-SM tiles, 9, 10 the overlapped kernel with 128- and 64-key
+  // tiles (attention_flash_fwd_sm90.cu; elsewhere they fall back to the mma.sync default);
+  // 8 is the mma.sync default there too.
+  if (fa::sm90_available() && (var == 0 || (var >= 5 && var != 8))) {
     fa::flash_forward_sm90(o, lse, dq, dk, dv, seq_start, s, var == 0 ? 0 : var - 4, stream);
     return;
   }

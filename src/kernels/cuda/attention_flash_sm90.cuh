@@ -14,7 +14,14 @@ using bf = __nv_bfloat16;
 
 // True when this build carries sm_90a code (CMake: FTUNE_CUDA_SM90A) and the current device
 // is compute capability 9.0.
-bool sm90_available();
+inline bool sm90_available() {
+#ifdef FTUNE_CUDA_SM90A
+  const detail::DeviceFacts f = detail::device_facts();
+  return f.major == 9 && f.minor == 0;
+#else
+  return false;
+#endif
+}
 
 void flash_forward_sm90(bf* out, float* lse, const bf* q, const bf* k, const bf* v,
                         const int64_t* seq_start, const AttentionShape& s, int variant,

@@ -21,6 +21,12 @@ namespace ftune::cuda::detail {
 void warn(const char* lib, const char* name, const char* text, const char* call,
           const char* file, int line);
 
+// What launchers ask of the current device, read once per device (device.cu).
+struct DeviceFacts {
+  int sms = 0, major = 0, minor = 0;
+};
+DeviceFacts device_facts();
+
 }  // namespace ftune::cuda::detail
 
 #define FTUNE_CUDA_CHECK(call)                                                            \

@@ -1,6 +1,7 @@
 // Device discovery, error reporting and the RAII owners of cuda_device.hpp.
 #include <atomic>
 #include <cstdio>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -29,6 +30,22 @@ void fail(const char* lib, const char* name, const char* text, const char* call,
 void warn(const char* lib, const char* name, const char* text, const char* call,
           const char* file, int line) {
   std::fprintf(stderr, "%s\n", message(lib, name, text, call, file, line).c_str());
+}
+DeviceFacts device_facts() {
+  // Under a lock: ranks may drive their GPUs from more than one host thread.
+  static std::mutex mu;
+  static DeviceFacts known[64];
+  int dev = 0;
+  FTUNE_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  DeviceFacts scratch;
+  DeviceFacts& f = dev >= 0 && dev < 64 ? known[dev] : scratch;
+  if (f.sms == 0) {
+    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, dev));
+    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&f.minor, cudaDevAttrComputeCapabilityMinor, dev));
+    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  return f;
 }
 }  // namespace detail
 

@@ -180,8 +180,8 @@ __global__ void up_backward_reduce(float* dB, bf* du, const float* du_part, cons
 }
 
 // What the launch needs of the current device, read once per device (under a lock: ranks
-// may drive the GPU from more than one host thread): its SMs, its compute capability, and
-// how many blocks of the partial kernel one SM holds (two, with the whole carveout as shared
+// may drive the GPU from more than one host thread): detail::device_facts(), and how many
+// blocks of the partial kernel one SM holds (two, with the whole carveout as shared
 // memory; over 48 KiB of dynamic shared memory is opt-in, per device).
 struct DeviceInfo {
   int sms = 0, major = 0, blocks_per_sm = 0;
@@ -194,10 +194,9 @@ DeviceInfo device_info() {
   std::lock_guard<std::mutex> lock(mu);
   DeviceInfo& d = info[dev % 64];
   if (d.sms == 0) {
-    int sms = 0, major = 0, blocks = 1;
-    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    FTUNE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    if (major >= 8) {
+    const detail::DeviceFacts f = detail::device_facts();
+    int blocks = 1;
+    if (f.major >= 8) {
       FTUNE_CUDA_CHECK(cudaFuncSetAttribute(up_backward_partial,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(kSmemBytes)));
@@ -207,9 +206,9 @@ DeviceInfo device_info() {
       FTUNE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
           &blocks, up_backward_partial, kThreads, kSmemBytes));
     }
-    d.major = major;
+    d.major = f.major;
     d.blocks_per_sm = blocks < 1 ? 1 : blocks;
-    d.sms = sms;
+    d.sms = f.sms;
   }
   return d;
 }
