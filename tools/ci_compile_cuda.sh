@@ -38,7 +38,8 @@ def compile_as(src, like):
     args = [a for a in args if a != "-c" and os.path.relpath(os.path.join(c["directory"], a), root) != like]
     args += ["-DFTUNE_HAVE_CUDA=1", "-fsyntax-only", os.path.join(root, src)]
     return subprocess.run(args, cwd=c["directory"]).returncode
-files = [(f, f) for f in ("src/train/trainer.cpp", "src/train/step_runner.cpp", "src/train/cuda_step_runner.cpp")]
+files = [(f, f) for f in ("src/train/trainer.cpp", "src/train/trainer_setup.cpp", "src/train/step_runner.cpp",
+                          "src/train/cuda_step_runner.cpp")]
 files += [(os.path.join("tests", t), "tests/test_e2e_reference.cpp")
           for t in sorted(os.listdir("tests")) if t.startswith("test_cuda_") and t.endswith(".cpp")]
 bad = [f for f, like in files if compile_as(f, like) != 0]
