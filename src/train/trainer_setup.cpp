@@ -308,7 +308,7 @@ void identify_run(Run& run, const LoraAdapter& adapter) {
 Runner make_runner(Run& run, LoraAdapter& adapter) {
   const TrainConfig& cfg = run.cfg;
   Communicator& comm = run.comm;
-  const bool sharded_params = !cfg.use_peft && cfg.zero_stage == 3;
+  const bool sharded_params = shards_parameters(cfg);
   const AdamWHyper hyper{cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay};
   std::unique_ptr<TrainBackend> backend;  // (none for ZeRO-3 full fine-tuning on the CPU)
   if (cfg.use_peft)
@@ -340,7 +340,7 @@ Runner make_runner(Run& run, LoraAdapter& adapter) {
 }
 
 void release_full_vector(const Run& run, LoraAdapter& adapter) {
-  if (!run.cfg.use_peft && run.cfg.zero_stage == 3) std::vector<float>().swap(adapter.params);
+  if (shards_parameters(run.cfg)) std::vector<float>().swap(adapter.params);
 }
 
 Resumed resume_run(Run& run, LoraAdapter& adapter, StepRunner& opt, MicroBatchStream& stream,
@@ -393,7 +393,7 @@ std::string describe_run(const Run& run, const LoraAdapter& adapter, const Runne
   const StepRunner& opt = *runner.opt;
   const TrainBackend* backend = runner.backend.get();
   const int world = run.comm.size(), gas = cfg.gradient_accumulation_steps;
-  const bool sharded_params = !cfg.use_peft && cfg.zero_stage == 3;
+  const bool sharded_params = shards_parameters(cfg);
   std::ostringstream s;
   s << "[ftune] world: " << world << (world == 1 ? " rank" : " ranks") << " (launcher "
     << run.comm.world().launcher << "), zero_stage " << cfg.zero_stage << ", " << opt.describe()

@@ -80,7 +80,10 @@ struct Runner {
 };
 Runner make_runner(Run& run, LoraAdapter& adapter);
 // ZeRO-3 full fine-tuning: each rank's step runner keeps its range of the parameters, so the
-// host's whole vector exists only around saves and resumes; this drops it again.
+// host's whole vector exists only around saves and resumes; release_full_vector drops it.
+inline bool shards_parameters(const TrainConfig& cfg) {
+  return !cfg.use_peft && cfg.zero_stage == 3;
+}
 void release_full_vector(const Run& run, LoraAdapter& adapter);
 
 // cfg.resume_from_checkpoint ("latest" or a directory): parameters, optimizer shards
